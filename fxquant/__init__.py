@@ -1,0 +1,15 @@
+"""fxquant: a torch.fx post-training quantization compiler for diffusion transformers."""
+
+from . import ops as _ops  # noqa: F401  (registers the fxquant:: custom ops)
+from .api import Summary, SummaryRow, compile, summary
+from .errors import (CalibrationError, FormatError, FxquantError, PassError, PassNotAvailableError, RecipeError,
+                     TraceError)
+from .recipe import ActivationScheme, LayerRule, MisalignedPolicy, Recipe, WeightScheme
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "compile", "summary", "Summary", "SummaryRow", "Recipe", "LayerRule", "WeightScheme", "ActivationScheme",
+    "MisalignedPolicy", "FxquantError", "RecipeError", "TraceError", "CalibrationError", "PassError",
+    "PassNotAvailableError", "FormatError", "__version__",
+]

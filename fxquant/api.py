@@ -1,0 +1,184 @@
+"""The public entry points: `compile` and `summary`.
+
+    gm  = fxquant.compile(transformer, "int8-w8a8", calibration=examples)
+    gms = fxquant.compile({"cond": t_c, "uncond": t_u}, recipe, calibration={"cond": ex_c, "uncond": ex_u})
+    print(fxquant.summary(gm))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.fx as fx
+
+from . import meta, pipeline
+from .errors import CalibrationError, FxquantError
+from .recipe import Recipe, resolve
+from .trace import check_calibration, trace
+
+RecipeLike = Union[Recipe, str, "os.PathLike[str]"]
+
+
+def compile(
+    model: Union[torch.nn.Module, Mapping[str, torch.nn.Module]],
+    recipe: RecipeLike,
+    calibration: Union[Sequence[Any], Mapping[str, Sequence[Any]], None] = None,
+) -> Union[fx.GraphModule, dict[str, fx.GraphModule]]:
+    """Quantize a diffusion transformer into a lowered GraphModule (one per CFG branch).
+
+    Args:
+        model: an ``nn.Module``, or a dict of branch name -> module (e.g. ``{"cond": ..., "uncond": ...}``).
+        recipe: a `Recipe`, a preset name (``"int8-w8a8"``, ``"w8a8-naive"``, ``"q4_k"``, ``"q8_0"``)
+            or a path to a recipe JSON file.
+        calibration: a sequence of example inputs (each a dict of keyword arguments or a tuple of
+            positional ones); the first is the tracing example. For a dict of branches, a dict with
+            the same keys, so each branch is calibrated on the inputs it really sees.
+
+    Returns:
+        A GraphModule with the module's call signature (or a dict of them). The input modules
+        are not modified.
+
+    Raises:
+        RecipeError, CalibrationError, TraceError, PassError, PassNotAvailableError.
+
+    Example:
+        >>> gm = fxquant.compile(model, "w8a8-naive", calibration=[inputs])  # doctest: +SKIP
+    """
+    recipe = resolve(recipe)
+    if isinstance(model, Mapping):
+        if not isinstance(calibration, Mapping):
+            raise CalibrationError("compile: a dict of branches needs a dict of calibration inputs with the same keys")
+        if set(calibration) != set(model):
+            raise CalibrationError(
+                f"compile: calibration keys {sorted(calibration)} do not match branch keys {sorted(model)}"
+            )
+        if not model:
+            raise CalibrationError("compile: the dict of branches is empty")
+        return {name: _compile_one(m, recipe, calibration[name], name) for name, m in model.items()}
+    if isinstance(calibration, Mapping):
+        raise CalibrationError(
+            "compile: calibration is a dict but model is a single module; pass a sequence of example inputs "
+            "(or a dict of branches as the model)"
+        )
+    return _compile_one(model, recipe, calibration, "")
+
+
+def _compile_one(model: torch.nn.Module, recipe: Recipe, calibration: Any, branch: str) -> fx.GraphModule:
+    where = f"calibration[{branch!r}]" if branch else "calibration"
+    examples = check_calibration(calibration, where)
+    passes = pipeline.build(recipe, examples)  # fails before tracing if a pass is missing
+    gm = trace(model, examples[0])
+    meta.set_graph_record(gm, meta.GraphRecord(recipe=recipe.to_dict(), branch=branch))
+    with torch.no_grad():
+        return pipeline.run(gm, passes)
+
+
+# ---------------------------------------------------------------- summary
+
+COLUMNS = ("name", "scheme", "in_features", "out_features", "bits_per_weight", "fragility", "rank", "smoothing", "reason")
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    name: str
+    scheme: str  # "w8a8" | "q4_k" | "q8_0" | "protected" | "skipped" | "float"
+    in_features: int
+    out_features: int
+    bits_per_weight: Optional[float]
+    weight_bytes: Optional[int]
+    fragility: Optional[float]
+    rank: Optional[int]
+    smoothing: str
+    reason: str
+    branch: str = ""
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+class Summary:
+    """A table of every linear of a lowered module; ``.rows`` holds the same data."""
+
+    def __init__(self, rows: list[SummaryRow], header: str) -> None:
+        self.rows = rows
+        self.header = header
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.rows:
+            out[r.scheme] = out.get(r.scheme, 0) + 1
+        return out
+
+    def __str__(self) -> str:
+        def cell(r: SummaryRow, c: str) -> str:
+            v = getattr(r, c)
+            if v is None:
+                return "-"
+            if isinstance(v, float):
+                return f"{v:.3g}" if c == "fragility" else f"{v:.2f}"
+            return str(v)
+
+        cols = (("branch",) if any(r.branch for r in self.rows) else ()) + COLUMNS
+        table = [list(cols)] + [[cell(r, c) for c in cols] for r in self.rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+        lines = [self.header]
+        for i, row in enumerate(table):
+            lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        total_bytes = sum(r.weight_bytes or 0 for r in self.rows)
+        counts = ", ".join(f"{v} {k}" for k, v in sorted(self.counts().items()))
+        lines.append(f"{len(self.rows)} linears: {counts}; linear weights {total_bytes / 2**20:.2f} MiB")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def summary(gm: Union[fx.GraphModule, Mapping[str, fx.GraphModule]]) -> Summary:
+    """Per-linear table of a compiled module (or dict of branches): scheme, shape, bits, fragility,
+    smoothing target and the reason for protection.
+
+    Raises:
+        FxquantError: if ``gm`` was not produced by `fxquant.compile` (no records).
+    """
+    if isinstance(gm, Mapping):
+        rows = [dataclasses.replace(r, branch=name) for name, g in gm.items() for r in summary(g).rows]
+        return Summary(rows, f"fxquant summary: {len(gm)} branches ({', '.join(gm)})")
+    recs = meta.records(gm)
+    if not recs:
+        raise FxquantError("summary: this module has no fxquant records; was it produced by fxquant.compile?")
+    g = meta.graph_record(gm)
+    rows = []
+    for _, r in recs:
+        low, sel = r.lowering, r.selection
+        if sel is not None and sel.kind != "quantize":
+            scheme = sel.kind
+        else:
+            scheme = low.scheme if low is not None else "float"
+        reason = sel.reason if sel is not None else ""
+        if low is not None and low.note:
+            reason = f"{reason}; {low.note}" if reason else low.note
+        rows.append(SummaryRow(
+            name=r.name, scheme=scheme, in_features=r.in_features, out_features=r.out_features,
+            bits_per_weight=low.bits_per_weight if low else None, weight_bytes=low.weight_bytes if low else None,
+            fragility=r.fragility.score if r.fragility else None, rank=r.fragility.rank if r.fragility else None,
+            smoothing=r.smoothing.target if r.smoothing else "-", reason=reason,
+        ))
+    header = "fxquant summary"
+    if g is not None:
+        header += f": recipe {g.recipe.get('name')!r}"
+        if g.branch:
+            header += f", branch {g.branch!r}"
+        if g.spearman_rho is not None:
+            header += f", fragility rank stability (Spearman rho early vs late) {g.spearman_rho:.3f}"
+    return Summary(rows, header)

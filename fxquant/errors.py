@@ -1,0 +1,29 @@
+"""Errors raised by fxquant. Every message names the pass or module path and what was expected."""
+
+
+class FxquantError(Exception):
+    """Base class of every error fxquant raises on purpose."""
+
+
+class RecipeError(FxquantError, ValueError):
+    """A recipe has an unknown key, a bad value, or a rule that matches no layer."""
+
+
+class TraceError(FxquantError):
+    """The model could not be traced to an FX graph."""
+
+
+class CalibrationError(FxquantError, ValueError):
+    """Calibration inputs are missing, malformed, or produce non-finite activations."""
+
+
+class PassError(FxquantError):
+    """A pass found the graph in a state it cannot work with (a missing precondition)."""
+
+
+class PassNotAvailableError(FxquantError, NotImplementedError):
+    """A recipe asks for a pass that fxquant does not implement."""
+
+
+class FormatError(FxquantError, ValueError):
+    """A saved artifact or packed tensor is malformed."""

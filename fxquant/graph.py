@@ -1,0 +1,111 @@
+"""Small helpers every pass uses: finding linears, reading and writing attributes, replacing
+nodes, and leaving a valid graph behind."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.fx as fx
+
+from .errors import PassError
+
+LINEAR = torch.ops.aten.linear.default
+
+
+def is_linear(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is LINEAR
+
+
+def linear_nodes(gm: fx.GraphModule) -> Iterator[fx.Node]:
+    for n in list(gm.graph.nodes):
+        if is_linear(n):
+            yield n
+
+
+def module_name(node: fx.Node) -> str:
+    """The qualified module name of a linear node, from its weight's ``get_attr`` target.
+
+    Node names change between traces; parameter targets are the original state-dict keys.
+    """
+    w = node.args[1]
+    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+        raise PassError(f"linear node {node.name}: weight is not a parameter (get_attr), got {w!r}")
+    target = str(w.target)
+    return target[: -len(".weight")] if target.endswith(".weight") else target
+
+
+def get_attr(gm: torch.nn.Module, target: str) -> Any:
+    owner, _, leaf = target.rpartition(".")
+    mod = gm.get_submodule(owner) if owner else gm
+    return getattr(mod, leaf)
+
+
+def set_buffer(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    """Register ``value`` as a buffer at ``target``, creating empty parent modules as needed."""
+    owner, _, leaf = target.rpartition(".")
+    mod = gm
+    for part in owner.split(".") if owner else ():
+        if not hasattr(mod, part):
+            mod.add_module(part, torch.nn.Module())
+        mod = getattr(mod, part)
+    if hasattr(mod, leaf) and leaf not in mod._buffers:
+        delattr(mod, leaf)
+    mod.register_buffer(leaf, value)
+
+
+def set_parameter(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    """Replace the parameter or buffer at ``target`` with a new tensor (never in place).
+
+    Passes must not write into tensors shared with the caller's model.
+    """
+    owner, _, leaf = target.rpartition(".")
+    mod = gm.get_submodule(owner) if owner else gm
+    if leaf in mod._parameters:
+        mod._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    elif leaf in mod._buffers:
+        mod._buffers[leaf] = value
+    else:
+        raise PassError(f"no parameter or buffer named {target!r}")
+
+
+def get_attr_node(gm: fx.GraphModule, target: str, before: fx.Node) -> fx.Node:
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target == target:
+            return n
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(target)
+
+
+def replace_node(gm: fx.GraphModule, node: fx.Node, target: Callable[..., Any], args: tuple, kwargs: Optional[dict] = None) -> fx.Node:
+    """Insert ``target(*args)`` before ``node``, port its meta, rewire its users and erase it."""
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, args, kwargs or {})
+    new.meta.update({k: v for k, v in node.meta.items()})
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
+def remove_unused_attrs(gm: fx.GraphModule) -> list[str]:
+    """Delete parameters and buffers no ``get_attr`` node reads (DCE leaves them behind)."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    removed = []
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name not in used:
+            owner, _, leaf = name.rpartition(".")
+            mod = gm.get_submodule(owner) if owner else gm
+            if leaf in mod._parameters:
+                del mod._parameters[leaf]
+            elif leaf in mod._buffers:
+                del mod._buffers[leaf]
+            removed.append(name)
+    return removed
+
+
+def finalize(gm: fx.GraphModule) -> None:
+    """Every mutating pass ends here: DCE, drop unused weights, lint, recompile."""
+    gm.graph.eliminate_dead_code()
+    remove_unused_attrs(gm)
+    gm.graph.lint()
+    gm.recompile()

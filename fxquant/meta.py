@@ -1,0 +1,203 @@
+"""The metadata contract between passes.
+
+Every linear node carries one typed, frozen `LinearRecord` at ``node.meta["fxquant"]``.
+Each field is written by exactly one pass (named beside it); passes read what earlier
+passes wrote and never call each other. The record's JSON form is mirrored into
+``node.meta["custom"]["fxquant"]``, the only node metadata that survives
+``torch.export.save`` / ``load`` and re-export.
+
+The GraphModule carries one `GraphRecord` at ``gm.meta["fxquant"]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+KEY = "fxquant"
+
+
+@dataclass(frozen=True)
+class ActStats:
+    """Input-activation statistics of one linear (written by ``collect_stats``).
+
+    ``per_step`` maps a timestep (as float) to ``(max_abs, std, kurtosis)``;
+    ``channel_max_abs`` is the per-input-channel max |x| SmoothQuant needs.
+    """
+
+    max_abs: float
+    std: float
+    kurtosis: float
+    count: int
+    per_step: tuple[tuple[float, float, float, float], ...] = ()  # (timestep, max_abs, std, kurtosis)
+    channel_max_abs: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"max_abs": self.max_abs, "std": self.std, "kurtosis": self.kurtosis, "count": self.count,
+                "per_step": [list(s) for s in self.per_step]}
+
+
+@dataclass(frozen=True)
+class Fragility:
+    """Written by ``score_fragility``: the score and its rank (1 = most fragile)."""
+
+    score: float
+    rank: int
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Written by ``select_protected``: whether the linear is quantized, protected or skipped, and why."""
+
+    kind: str  # "quantize" | "protected" | "skipped"
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Smoothing:
+    """Written by ``fold_smoothing``: where the linear's smoothing vector went."""
+
+    target: str  # "norm" | "adaln" | "linear" | "fused" | "none"
+    target_name: str = ""
+    alpha: float = 0.0
+    group: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """Written by the lowering pass (``lower_w8a8`` or ``lower_gguf``)."""
+
+    scheme: str  # "w8a8" | "q4_k" | "q8_0" | "float"
+    bits_per_weight: float
+    weight_bytes: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class LinearRecord:
+    """Everything fxquant knows about one linear layer. Written field by field by the passes."""
+
+    name: str  # qualified module name, e.g. "layers.3.feed_forward.w2" (find_linears)
+    in_features: int  # (find_linears)
+    out_features: int  # (find_linears)
+    has_bias: bool  # (find_linears)
+    stats: Optional[ActStats] = None  # collect_stats
+    fragility: Optional[Fragility] = None  # score_fragility
+    selection: Optional[Selection] = None  # select_protected
+    smoothing: Optional[Smoothing] = None  # fold_smoothing
+    lowering: Optional[Lowering] = None  # lower_w8a8 / lower_gguf
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "in_features": self.in_features,
+                               "out_features": self.out_features, "has_bias": self.has_bias}
+        for f in ("stats", "fragility", "selection", "smoothing", "lowering"):
+            v = getattr(self, f)
+            if v is not None:
+                out[f] = v.to_json() if hasattr(v, "to_json") else _plain(dataclasses.asdict(v))
+        return out
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> "LinearRecord":
+        kw: dict[str, Any] = {k: d[k] for k in ("name", "in_features", "out_features", "has_bias")}
+        if "stats" in d:
+            s = d["stats"]
+            kw["stats"] = ActStats(s["max_abs"], s["std"], s["kurtosis"], s["count"],
+                                   tuple(tuple(x) for x in s.get("per_step", ())))
+        if "fragility" in d:
+            kw["fragility"] = Fragility(**d["fragility"])
+        if "selection" in d:
+            kw["selection"] = Selection(**d["selection"])
+        if "smoothing" in d:
+            sm = dict(d["smoothing"])
+            sm["group"] = tuple(sm.get("group", ()))
+            kw["smoothing"] = Smoothing(**sm)
+        if "lowering" in d:
+            kw["lowering"] = Lowering(**d["lowering"])
+        return LinearRecord(**kw)
+
+
+@dataclass(frozen=True)
+class GraphRecord:
+    """Graph-level facts at ``gm.meta["fxquant"]``."""
+
+    recipe: dict[str, Any]  # Recipe.to_dict() (compile)
+    branch: str = ""  # CFG branch name, "" for a single module (compile)
+    spearman_rho: Optional[float] = None  # early vs late ranking stability (score_fragility)
+    num_calibration: int = 0  # (collect_stats)
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "branch": self.branch, "spearman_rho": self.spearman_rho,
+                "num_calibration": self.num_calibration, "extra": {k: v for k, v in self.extra}}
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> "GraphRecord":
+        return GraphRecord(d["recipe"], d.get("branch", ""), d.get("spearman_rho"), d.get("num_calibration", 0),
+                           tuple(d.get("extra", {}).items()))
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def get(node: fx.Node) -> Optional[LinearRecord]:
+    """The node's record; rebuilt from ``meta["custom"]`` after a save/load or re-export."""
+    rec = node.meta.get(KEY)
+    if rec is None:
+        raw = node.meta.get("custom", {}).get(KEY)
+        if raw is not None:
+            rec = LinearRecord.from_json(raw)
+            node.meta[KEY] = rec
+    return rec
+
+
+def put(node: fx.Node, rec: LinearRecord) -> None:
+    """Store the record and its JSON mirror."""
+    node.meta[KEY] = rec
+    custom = dict(node.meta.get("custom") or {})
+    custom[KEY] = rec.to_json()
+    node.meta["custom"] = custom
+
+
+def update(node: fx.Node, **fields: Any) -> LinearRecord:
+    rec = get(node)
+    if rec is None:
+        raise KeyError(f"node {node.name} has no fxquant record")
+    rec = dataclasses.replace(rec, **fields)
+    put(node, rec)
+    return rec
+
+
+def records(gm: fx.GraphModule) -> list[tuple[fx.Node, LinearRecord]]:
+    """All (node, record) pairs in graph order."""
+    out = []
+    for n in gm.graph.nodes:
+        r = get(n)
+        if r is not None:
+            out.append((n, r))
+    return out
+
+
+def graph_record(gm: fx.GraphModule) -> Optional[GraphRecord]:
+    return gm.meta.get(KEY)
+
+
+def set_graph_record(gm: fx.GraphModule, rec: GraphRecord) -> None:
+    gm.meta[KEY] = rec
+
+
+def update_graph(gm: fx.GraphModule, **fields: Any) -> GraphRecord:
+    rec = graph_record(gm)
+    if rec is None:
+        raise KeyError("GraphModule has no fxquant graph record")
+    rec = dataclasses.replace(rec, **fields)
+    set_graph_record(gm, rec)
+    return rec

@@ -1,0 +1,10 @@
+"""Custom ops (``fxquant::*``) that lowered graphs call, one file per op family.
+
+Importing this package registers them; a lowered module reloaded with ``torch.export.load``
+needs ``import fxquant`` first.
+"""
+
+from . import w8a8  # noqa: F401
+from .w8a8 import linear_w8a8, quantize_act_per_token, quantize_weight_per_channel
+
+__all__ = ["linear_w8a8", "quantize_act_per_token", "quantize_weight_per_channel"]

@@ -1,0 +1,71 @@
+"""lower_w8a8: rewrite each selected linear into the W8A8 custom op.
+
+    before:  y = aten.linear(x, get_attr[l.weight], get_attr[l.bias])
+    after:   y = fxquant.linear_w8a8(x, get_attr[l.weight_int8], get_attr[l.weight_scale],
+                                     get_attr[l.bias], smooth)
+
+Weights become per-output-channel symmetric int8 plus a float32 scale per row; the float weight
+is deleted from the module. If a ``fold_smoothing`` pass left a ``mul(x, get_attr[l.smooth])``
+feeding the linear only (its "fused" case), the multiply moves into the op's activation
+quantization instead of running as a separate pass over memory. Protected and skipped linears
+stay as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .. import graph, meta
+from ..ops import w8a8 as ops
+from .base import FxquantPass, PassResult, require_records
+
+SMOOTH_SUFFIX = ".smooth"
+
+
+def fused_smooth(node: fx.Node) -> tuple[fx.Node, fx.Node | None]:
+    """(activation input, smooth get_attr or None) for a linear fed by ``mul(x, get_attr[*.smooth])``."""
+    x = node.args[0]
+    if (isinstance(x, fx.Node) and x.op == "call_function" and x.target is torch.ops.aten.mul.Tensor
+            and len(x.users) == 1 and isinstance(x.args[1], fx.Node) and x.args[1].op == "get_attr"
+            and str(x.args[1].target).endswith(SMOOTH_SUFFIX)):
+        return x.args[0], x.args[1]
+    return x, None
+
+
+def float_lowering(w: torch.Tensor) -> meta.Lowering:
+    bits = torch.finfo(w.dtype).bits
+    return meta.Lowering("float", float(bits), w.numel() * w.element_size())
+
+
+class LowerW8A8(FxquantPass):
+    name = "lower_w8a8"
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        require_records(gm, self.name, "selection", before="select_protected")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        modified = False
+        for node, rec in meta.records(gm):
+            w = graph.get_attr(gm, str(node.args[1].target))
+            if rec.selection.kind != "quantize":
+                meta.update(node, lowering=float_lowering(w))
+                continue
+            q, scale = ops.quantize_weight_per_channel(w)
+            graph.set_buffer(gm, f"{rec.name}.weight_int8", q)
+            graph.set_buffer(gm, f"{rec.name}.weight_scale", scale)
+            x, smooth = fused_smooth(node)
+            args = (
+                x,
+                graph.get_attr_node(gm, f"{rec.name}.weight_int8", node),
+                graph.get_attr_node(gm, f"{rec.name}.weight_scale", node),
+                node.args[2] if len(node.args) > 2 else None,
+                smooth,
+            )
+            new = graph.replace_node(gm, node, torch.ops.fxquant.linear_w8a8.default, args)
+            bpw = 8 + 32 / rec.in_features  # int8 weights + one float32 scale per row
+            meta.update(new, lowering=meta.Lowering("w8a8", bpw, q.numel() + scale.numel() * 4))
+            modified = True
+        if modified:
+            graph.finalize(gm)
+        return PassResult(gm, modified)
