@@ -1,0 +1,54 @@
+"""GGUF Q8_0: 32 weights → 34 bytes (8.5 bits per weight).
+
+Byte layout of one block (little-endian)::
+
+    byte  0      2                                      34
+          +------+--------------------------------------+
+          |  d   |  qs[0] qs[1] ...              qs[31] |
+          | fp16 |  int8 each                           |
+          +------+--------------------------------------+
+
+    decode:  y[i] = d * qs[i]                (float32; the product is exact)
+
+Encoder: a port of llama.cpp's ``quantize_row_q8_0_ref`` (``ggml/src/ggml-quants.c``)::
+
+    amax = max |x|;  d = amax / 127;  id = d ? 1/d : 0
+    d_stored = fp16(d);  qs[i] = (int8_t) roundf(x[i] * id)
+
+Note that ``qs`` is computed from the float32 ``d``, not from the rounded fp16 one: that is
+llama.cpp's choice and therefore ours. Decoder: ``dequantize_row_q8_0`` in torch ops.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._cfloat import F32, fp16_bytes, roundf_to_int8_bytes, torch_fp16_at
+
+BLOCK_ELEMS = 32
+BLOCK_BYTES = 34
+
+
+def encode_blocks(x: np.ndarray) -> np.ndarray:
+    """Quantize float32 blocks ``[n, 32]`` to GGUF Q8_0 blocks ``[n, 34]`` uint8 (all at once)."""
+    # C: amax = MAX(amax, fabsf(v)) from 0; the inputs are finite, so this is a plain max.
+    amax = np.abs(x).max(axis=1, initial=F32(0))
+    d = amax / F32(127)
+    with np.errstate(divide="ignore", over="ignore"):
+        # 1/d overflows to +inf for subnormal d; the int8 store then writes 0 (see _cfloat).
+        inv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        qs = roundf_to_int8_bytes(x * inv[:, None])
+    out = np.empty((x.shape[0], BLOCK_BYTES), dtype=np.uint8)
+    out[:, 0:2] = fp16_bytes(d)
+    out[:, 2:] = qs
+    return out
+
+
+def decode_blocks(blocks: Tensor) -> Tensor:
+    """Dequantize GGUF Q8_0 blocks ``[n, 34]`` uint8 to float32 ``[n, 32]`` (pure torch ops)."""
+    d = torch_fp16_at(blocks, 0)
+    qs = blocks[:, 2:].view(torch.int8).to(torch.float32)
+    return qs * d[:, None]
