@@ -25,8 +25,11 @@ KEY = "fxquant"
 class ActStats:
     """Input-activation statistics of one linear (written by ``collect_stats``).
 
-    ``per_step`` maps a timestep (as float) to ``(max_abs, std, kurtosis)``;
-    ``channel_max_abs`` is the per-input-channel max |x| SmoothQuant needs.
+    ``per_step`` holds one ``(timestep, max_abs, std, kurtosis)`` per distinct timestep, in
+    denoising order (the order the timesteps first appear in the calibration inputs);
+    ``std`` is the population std and ``kurtosis`` Pearson's (m4 / m2**2, 3 for a Gaussian).
+    ``channel_max_abs`` is the per-input-channel max |x| over all calibration tokens
+    (float32, shape [in_features]) that SmoothQuant needs.
     """
 
     max_abs: float
@@ -43,10 +46,13 @@ class ActStats:
 
 @dataclass(frozen=True)
 class Fragility:
-    """Written by ``score_fragility``: the score and its rank (1 = most fragile)."""
+    """Written by ``score_fragility``: the score and its rank (1 = most fragile), and the ranks
+    by the early and late halves of the trajectory (None with fewer than two timesteps)."""
 
     score: float
     rank: int
+    early_rank: Optional[int] = None
+    late_rank: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -129,15 +135,17 @@ class GraphRecord:
     spearman_rho: Optional[float] = None  # early vs late ranking stability (score_fragility)
     num_calibration: int = 0  # (collect_stats)
     extra: tuple[tuple[str, Any], ...] = ()
+    timesteps: tuple[float, ...] = ()  # distinct calibration timesteps, in denoising order (collect_stats)
 
     def to_json(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "branch": self.branch, "spearman_rho": self.spearman_rho,
-                "num_calibration": self.num_calibration, "extra": {k: v for k, v in self.extra}}
+                "num_calibration": self.num_calibration, "extra": {k: v for k, v in self.extra},
+                "timesteps": list(self.timesteps)}
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> "GraphRecord":
         return GraphRecord(d["recipe"], d.get("branch", ""), d.get("spearman_rho"), d.get("num_calibration", 0),
-                           tuple(d.get("extra", {}).items()))
+                           tuple(d.get("extra", {}).items()), tuple(d.get("timesteps", ())))
 
 
 def _plain(v: Any) -> Any:
