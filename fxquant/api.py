@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -72,9 +73,19 @@ def _compile_one(model: torch.nn.Module, recipe: Recipe, calibration: Any, branc
     examples = check_calibration(calibration, where)
     passes = pipeline.build(recipe, examples)  # fails before tracing if a pass is missing
     gm = trace(model, examples[0])
-    meta.set_graph_record(gm, meta.GraphRecord(recipe=recipe.to_dict(), branch=branch))
+    meta.set_graph_record(gm, meta.GraphRecord(recipe=recipe.to_dict(), branch=branch, extra=_model_facts(model)))
     with torch.no_grad():
         return pipeline.run(gm, passes)
+
+
+def _model_facts(model: torch.nn.Module) -> tuple[tuple[str, Any], ...]:
+    """The source model's class and (for a diffusers ``ConfigMixin``) its JSON config, which
+    `save_gguf` records so a loader can rebuild the architecture without the original module."""
+    facts: list[tuple[str, Any]] = [("model_class", type(model).__name__)]
+    to_json = getattr(model, "to_json_string", None)
+    if callable(to_json):
+        facts.append(("model_config", json.loads(to_json())))
+    return tuple(facts)
 
 
 # ---------------------------------------------------------------- summary
