@@ -1,0 +1,81 @@
+"""lower_w8a8:  linear(x, W, b)  ->  fxquant.linear_w8a8(x, W_int8, w_scale, b, None)."""
+
+import pytest
+import torch
+
+import fxquant
+from fxquant import meta
+from fxquant.graph import LINEAR
+from fxquant.passes.lower_w8a8 import LowerW8A8
+from fxquant.passes.select_protected import SelectOptions, SelectProtected
+from fxquant.recipe import LayerRule
+
+from .util import count, traced
+
+W8A8 = torch.ops.fxquant.linear_w8a8.default
+
+
+def reference_w8a8(x, w, b):
+    """Independent float64 model of the scheme: per-row int8 weights, per-token int8 activations."""
+    x, w = x.double(), w.double()
+    ws = w.abs().amax(1, keepdim=True) / 127
+    xs = x.abs().amax(-1, keepdim=True) / 127
+    wq = torch.round(w / ws).clamp(-127, 127)
+    xq = torch.round(x / xs).clamp(-127, 127)
+    y = (xq @ wq.T) * xs * ws.T
+    return y + b.double() if b is not None else y
+
+
+def test_rewrites_every_selected_linear_and_drops_float_weights():
+    m, gm = traced()
+    SelectProtected(SelectOptions())(gm)
+    assert count(gm, LINEAR) == 2 and count(gm, W8A8) == 0
+    res = LowerW8A8()(gm)
+    assert res.modified is True
+    assert count(gm, LINEAR) == 0 and count(gm, W8A8) == 2
+    sd = gm.state_dict()
+    assert "fc1.weight" not in sd and "fc2.weight" not in sd
+    assert sd["fc1.weight_int8"].dtype == torch.int8 and sd["fc1.weight_int8"].shape == (64, 32)
+    assert sd["fc1.weight_scale"].dtype == torch.float32 and sd["fc1.weight_scale"].shape == (64,)
+    assert "fxquant.linear_w8a8" in gm.code
+    rec = [r for _, r in meta.records(gm)]
+    assert [r.lowering.scheme for r in rec] == ["w8a8", "w8a8"]
+    assert rec[0].lowering.bits_per_weight == pytest.approx(8 + 32 / 32)
+
+
+def test_numerics_match_an_independent_reference():
+    m, gm = traced()
+    SelectProtected(SelectOptions())(gm)
+    LowerW8A8()(gm)
+    x = torch.randn(3, 7, 32)
+    with torch.no_grad():
+        h = reference_w8a8(x, m.fc1.weight, m.fc1.bias)
+        ref = reference_w8a8(torch.nn.functional.gelu(h), m.fc2.weight, None)
+        out = gm(x)
+        flt = m(x)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    assert float((out - flt).norm() / flt.norm()) < 0.02  # and it tracks the float model
+
+
+def test_protected_and_skipped_linears_are_not_rewritten():
+    m, gm = traced()
+    SelectProtected(SelectOptions(protect=(LayerRule("fc1"),), skip=(LayerRule("fc2"),)))(gm)
+    res = LowerW8A8()(gm)
+    assert res.modified is False and count(gm, LINEAR) == 2 and count(gm, W8A8) == 0
+    x = torch.randn(2, 4, 32)
+    torch.testing.assert_close(gm(x), m(x), rtol=0, atol=0)
+    assert {r.lowering.scheme for _, r in meta.records(gm)} == {"float"}
+
+
+def test_needs_a_selection():
+    _, gm = traced()
+    with pytest.raises(fxquant.PassError, match="lack 'selection'.*select_protected"):
+        LowerW8A8()(gm)
+
+
+def test_does_not_touch_the_source_module():
+    m, gm = traced()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    SelectProtected(SelectOptions())(gm)
+    LowerW8A8()(gm)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
