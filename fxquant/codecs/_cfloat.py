@@ -40,8 +40,9 @@ def roundf_to_int8_bytes(v: np.ndarray) -> np.ndarray:
     """
     t = np.trunc(v)
     r = t + np.where(np.abs(v - t) >= F32(0.5), np.sign(v), F32(0)).astype(F32)
-    ok = np.isfinite(r) & (np.abs(r) < F32(2.0**31))
-    return (np.where(ok, r, F32(0)).astype(np.int64) & 0xFF).astype(np.uint8)
+    ok = np.abs(r) < F32(2.0**31)  # False for NaN and +-inf too
+    # int32 -> uint8 keeps the low byte (a C conversion to an unsigned type is modulo 2**8).
+    return np.where(ok, r, F32(0)).astype(np.int32).astype(np.uint8)
 
 
 def fp16_bytes(v: np.ndarray) -> np.ndarray:
