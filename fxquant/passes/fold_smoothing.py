@@ -1,0 +1,232 @@
+"""fold_smoothing: SmoothQuant, with each smoothing vector folded into weights the graph already has.
+
+Linears reading the same tensor form a group (q/k/v, w1/w3) and share one vector
+s = max|X|^alpha / max|W|^(1-alpha) (per input channel, from ``stats.channel_max_abs``).
+Their weight columns are multiplied by s; 1/s goes to the first place that can take it
+(`fxquant.smoothing.FoldFinder` walks back through channel-preserving ops):
+
+    norm:    linear(rms_norm(h) * w_norm * (1+scale), W)   ->  linear(rms_norm(h) * (w_norm/s) * (1+scale), W*s)
+    adaln:   linear(layer_norm(h) * (1 + mod(c)), W)       ->  mod rows W_m/s, bias (b_m + 1)/s - 1;  W*s
+    linear:  to_out(sdpa(q, k, to_v(x)))                   ->  to_v rows / s;  to_out columns * s   (w3 -> w2 alike)
+    fused:   linear(x, W)                                  ->  linear(mul(x, get_attr[l.smooth] = 1/s), W*s)
+
+None of the first three adds a node; the float graph computes the same function. A fused
+vector is private to its linear (computed from its own weights) and ``lower_w8a8`` moves the
+multiply into the W8A8 op's activation quantization.
+
+Group policy: only ``quantize`` linears decide s (their weights and statistics). A protected
+member of a folded group gets the compensating columns too (exact, it stays float); a group
+with a skipped member is never folded (skipped means untouched), its quantized members fall
+back to fused. ``alpha_search`` picks, per group, the alpha minimising the simulated W8A8
+output error on calibration activations (`fxquant.ops` quantizers).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from .. import graph, meta
+from ..errors import CalibrationError, PassError, RecipeError
+from ..ops.w8a8 import quantize_act_per_token, quantize_weight_per_channel
+from ..smoothing import Fold, FoldFinder, apply_param_fold, smoothing_vector
+from ..trace import _batch_of, _repeat_batch, as_args_kwargs
+from .base import FxquantPass, PassResult, require_records
+from .lower_w8a8 import SMOOTH_SUFFIX
+
+
+@dataclass(frozen=True)
+class SmoothOptions:
+    """alpha: fixed migration strength; alpha_search: candidates tried per group (empty: fixed);
+    search_tokens: calibration rows per group the search simulates (kept small: it is cheap)."""
+
+    alpha: float = 0.5
+    alpha_search: tuple[float, ...] = ()
+    search_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        for a in (self.alpha, *self.alpha_search):
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
+                raise RecipeError(f"fold_smoothing: alpha must be a number in [0, 1], got {a!r}")
+        if self.search_tokens < 1:
+            raise RecipeError(f"fold_smoothing: search_tokens must be >= 1, got {self.search_tokens!r}")
+
+
+class FoldSmoothing(FxquantPass):
+    """Args: alpha, alpha_search (see `SmoothOptions`); calibration: the example inputs, needed
+    only for the alpha search."""
+
+    name = "fold_smoothing"
+
+    def __init__(self, alpha: float = 0.5, alpha_search: Sequence[float] = (), calibration: Optional[Sequence[Any]] = None,
+                 search_tokens: int = 512) -> None:
+        self.options = SmoothOptions(alpha, tuple(alpha_search), search_tokens)
+        self.calibration = calibration
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        require_records(gm, self.name, "selection", before="select_protected")
+        for _, r in meta.records(gm):
+            if r.selection.kind != "quantize":
+                continue
+            cm = r.stats.channel_max_abs if r.stats is not None else None
+            if cm is None:
+                raise PassError(f"{self.name}: linear {r.name!r} has no per-channel activation max "
+                                f"(stats.channel_max_abs); run collect_stats first")
+            if tuple(cm.shape) != (r.in_features,):
+                raise PassError(f"{self.name}: linear {r.name!r}: stats.channel_max_abs has shape {tuple(cm.shape)}, "
+                                f"expected ({r.in_features},)")
+        if self.options.alpha_search and not self.calibration:
+            raise PassError(f"{self.name}: alpha_search needs the calibration inputs")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        recs = dict(meta.records(gm))
+        groups: dict[fx.Node, list[fx.Node]] = {}
+        for node in recs:
+            groups.setdefault(node.args[0], []).append(node)
+        frozen = {str(a.target) for n, r in recs.items() if r.selection.kind == "skipped"
+                  for a in n.args[1:3] if isinstance(a, fx.Node)}
+        finder = FoldFinder(gm, frozen)
+        wanted = [x for x, ms in groups.items() if any(recs[m].selection.kind == "quantize" for m in ms)]
+        samples = self._capture(gm, wanted) if self.options.alpha_search else {}
+        claimed: dict[str, list[tuple[tuple[int, ...], int, int]]] = {}
+        modified = False
+        for x, members in groups.items():
+            quant = [m for m in members if recs[m].selection.kind == "quantize"]
+            names = tuple(recs[m].name for m in members)
+            fold = None
+            if quant and not any(recs[m].selection.kind == "skipped" for m in members):
+                fold = finder.find(x, members, recs[quant[0]].in_features)
+                if fold is not None and _conflicts(fold, claimed, recs[quant[0]].in_features):
+                    fold = None
+            if fold is not None:
+                modified |= self._fold(gm, fold, members, quant, recs, samples.get(x), claimed)
+                continue
+            for m in members:
+                if m in quant:
+                    modified |= self._fuse(gm, m, recs[m], samples.get(x))
+                else:
+                    meta.update(m, smoothing=meta.Smoothing("none", group=(recs[m].name,)))
+        if modified:
+            graph.finalize(gm)
+        return PassResult(gm, modified)
+
+    # ---------------------------------------------------------------- rewrites
+
+    def _fold(self, gm, fold: Fold, members, quant, recs, sample, claimed) -> bool:
+        act = torch.stack([recs[m].stats.channel_max_abs.float() for m in quant]).amax(0)
+        ws = [_weight(gm, m) for m in quant]
+        names = tuple(recs[m].name for m in members)
+        alpha = self._alpha(act, ws, sample, names[0])
+        s = smoothing_vector(act, torch.stack([w.abs().amax(0) for w in ws]).amax(0), alpha, names[0])
+        for m in members:
+            _scale_columns(gm, m, s)
+        for pf in fold.params:
+            graph.set_parameter(gm, pf.target, apply_param_fold(graph.get_attr(gm, pf.target), pf, s))
+            claimed.setdefault(pf.target, []).append((pf.dims, pf.start, pf.start + len(s)))
+        for m in members:
+            meta.update(m, smoothing=meta.Smoothing(fold.kind, fold.target_name, alpha, names))
+        return True
+
+    def _fuse(self, gm, node: fx.Node, rec: meta.LinearRecord, sample) -> bool:
+        w = _weight(gm, node)
+        act = rec.stats.channel_max_abs.float()
+        alpha = self._alpha(act, [w], sample, rec.name)
+        s = smoothing_vector(act, w.abs().amax(0), alpha, rec.name)
+        if bool((s == 1).all()):
+            meta.update(node, smoothing=meta.Smoothing("none", group=(rec.name,)))
+            return False
+        x = node.args[0]
+        xval = x.meta.get("val")
+        dtype = xval.dtype if isinstance(xval, torch.Tensor) else w.dtype
+        target = f"{rec.name}{SMOOTH_SUFFIX}"
+        graph.set_buffer(gm, target, (1.0 / s).to(dtype))
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(target)
+            mul = gm.graph.call_function(torch.ops.aten.mul.Tensor, (x, attr))
+        if xval is not None:
+            mul.meta["val"] = xval
+        if "nn_module_stack" in node.meta:
+            mul.meta["nn_module_stack"] = dict(node.meta["nn_module_stack"])
+        node.update_arg(0, mul)
+        _scale_columns(gm, node, s)
+        meta.update(node, smoothing=meta.Smoothing("fused", rec.name, alpha, (rec.name,)))
+        return True
+
+    # ---------------------------------------------------------------- alpha search
+
+    def _alpha(self, act: torch.Tensor, weights: list[torch.Tensor], sample: Optional[torch.Tensor], where: str) -> float:
+        """The fixed alpha, or the candidate minimising the simulated W8A8 error of the group."""
+        if not self.options.alpha_search or sample is None:
+            return self.options.alpha
+        x = sample.float()
+        refs = [x @ w.float().T for w in weights]
+        denom = sum(float(r.pow(2).sum()) for r in refs) or 1.0
+        best, best_err = self.options.alpha_search[0], float("inf")
+        for a in self.options.alpha_search:
+            s = smoothing_vector(act, torch.stack([w.abs().amax(0) for w in weights]).amax(0), a, where)
+            xq, xs = quantize_act_per_token(x / s)
+            err = 0.0
+            for w, ref in zip(weights, refs):
+                wq, wsc = quantize_weight_per_channel(w.float() * s)
+                y = (xq.float() @ wq.float().T) * xs * wsc
+                err += float((y - ref).pow(2).sum())
+            if err / denom < best_err:
+                best, best_err = a, err / denom
+        return best
+
+    def _capture(self, gm: fx.GraphModule, wanted: list[fx.Node]) -> dict[fx.Node, torch.Tensor]:
+        """Up to ``search_tokens`` evenly spaced input rows of each group, over the calibration set."""
+        examples = list(self.calibration or ())
+        per = max(1, -(-self.options.search_tokens // max(1, len(examples))))
+        cap = _Capture(gm, set(wanted), per)
+        sig = inspect.signature(gm.forward)
+        for i, ex in enumerate(examples):
+            args, kwargs = as_args_kwargs(ex, f"calibration[{i}]")
+            if _batch_of(args, kwargs) == 1:
+                args, kwargs = _repeat_batch((args, kwargs))
+            try:
+                bound = sig.bind(*args, **kwargs)
+            except TypeError as e:
+                raise CalibrationError(f"{self.name}: calibration[{i}] does not match the traced signature {sig}: {e}") from None
+            with torch.no_grad():
+                cap.run(*bound.args)
+        return {n: torch.cat(rows)[: self.options.search_tokens] for n, rows in cap.rows.items() if rows}
+
+
+class _Capture(fx.Interpreter):
+    """Runs the graph and keeps a few rows of selected nodes' outputs (analysis only)."""
+
+    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node], per_example: int) -> None:
+        super().__init__(gm)
+        self.wanted, self.per = wanted, per_example
+        self.rows: dict[fx.Node, list[torch.Tensor]] = {n: [] for n in wanted}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n in self.wanted and isinstance(out, torch.Tensor) and out.numel():
+            x2d = out.detach().reshape(-1, out.shape[-1]).float()
+            idx = torch.linspace(0, x2d.shape[0] - 1, min(self.per, x2d.shape[0])).round().long()
+            self.rows[n].append(x2d[idx])
+        return out
+
+
+def _weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    return graph.get_attr(gm, str(node.args[1].target))
+
+
+def _scale_columns(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor) -> None:
+    w = _weight(gm, node)
+    graph.set_parameter(gm, str(node.args[1].target), (w.detach().float() * s[None, :]).to(w.dtype))
+
+
+def _conflicts(fold: Fold, claimed: dict, channels: int) -> bool:
+    """Whether ``fold`` touches a parameter region an earlier group already folded into."""
+    for pf in fold.params:
+        for dims, start, end in claimed.get(pf.target, ()):
+            if dims != pf.dims or len(dims) != 1 or not (pf.start + channels <= start or end <= pf.start):
+                return True
+    return False
