@@ -4,6 +4,7 @@ from . import ops as _ops  # noqa: F401  (registers the fxquant:: custom ops)
 from .api import Summary, SummaryRow, compile, summary
 from .errors import (CalibrationError, FormatError, FxquantError, PassError, PassNotAvailableError, RecipeError,
                      TraceError)
+from .io import export_program, load, save, save_pt2
 from .gguf_export import GGUFReport, save_gguf
 from .recipe import ActivationScheme, LayerRule, MisalignedPolicy, Recipe, WeightScheme
 
@@ -12,5 +13,5 @@ __version__ = "0.1.0"
 __all__ = [
     "compile", "summary", "Summary", "SummaryRow", "Recipe", "LayerRule", "WeightScheme", "ActivationScheme",
     "MisalignedPolicy", "FxquantError", "RecipeError", "TraceError", "CalibrationError", "PassError",
-    "PassNotAvailableError", "FormatError", "__version__", "save_gguf", "GGUFReport",
+    "PassNotAvailableError", "FormatError", "__version__", "save_gguf", "GGUFReport", "save", "load", "save_pt2", "export_program",
 ]

@@ -19,6 +19,7 @@ import torch.fx as fx
 from . import meta, pipeline
 from .errors import CalibrationError, FxquantError
 from .recipe import Recipe, resolve
+from .io import describe_inputs
 from .trace import check_calibration, trace
 
 RecipeLike = Union[Recipe, str, "os.PathLike[str]"]
@@ -73,7 +74,8 @@ def _compile_one(model: torch.nn.Module, recipe: Recipe, calibration: Any, branc
     examples = check_calibration(calibration, where)
     passes = pipeline.build(recipe, examples)  # fails before tracing if a pass is missing
     gm = trace(model, examples[0])
-    meta.set_graph_record(gm, meta.GraphRecord(recipe=recipe.to_dict(), branch=branch, extra=_model_facts(model)))
+    meta.set_graph_record(gm, meta.GraphRecord(recipe=recipe.to_dict(), branch=branch, extra=_model_facts(model),
+                                                example_inputs=describe_inputs(examples[0])))
     with torch.no_grad():
         return pipeline.run(gm, passes)
 

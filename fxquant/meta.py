@@ -136,16 +136,17 @@ class GraphRecord:
     num_calibration: int = 0  # (collect_stats)
     extra: tuple[tuple[str, Any], ...] = ()
     timesteps: tuple[float, ...] = ()  # distinct calibration timesteps, in denoising order (collect_stats)
+    example_inputs: Optional[dict[str, Any]] = None  # shapes/dtypes of the tracing example, io.describe_inputs (compile)
 
     def to_json(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "branch": self.branch, "spearman_rho": self.spearman_rho,
                 "num_calibration": self.num_calibration, "extra": {k: v for k, v in self.extra},
-                "timesteps": list(self.timesteps)}
+                "timesteps": list(self.timesteps), "example_inputs": self.example_inputs}
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> "GraphRecord":
         return GraphRecord(d["recipe"], d.get("branch", ""), d.get("spearman_rho"), d.get("num_calibration", 0),
-                           tuple(d.get("extra", {}).items()), tuple(d.get("timesteps", ())))
+                           tuple(d.get("extra", {}).items()), tuple(d.get("timesteps", ())), d.get("example_inputs"))
 
 
 def _plain(v: Any) -> Any:
