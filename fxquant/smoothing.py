@@ -99,6 +99,18 @@ def apply_param_fold(p: torch.Tensor, f: ParamFold, s: torch.Tensor) -> torch.Te
     return q.to(p.dtype)
 
 
+def overlapping(params: Sequence[ParamFold], channels: int, others: Sequence[ParamFold] = ()) -> bool:
+    """Whether two folds touch the same entries of one parameter (rows of one dim may be disjoint)."""
+    seen = list(others)
+    for p in params:
+        for q in seen:
+            if p.target == q.target and (p.dims != q.dims or len(p.dims) != 1
+                                         or not (p.start + channels <= q.start or q.start + channels <= p.start)):
+                return True
+        seen.append(p)
+    return False
+
+
 def _val(n: fx.Node) -> Optional[torch.Tensor]:
     v = n.meta.get("val") if isinstance(n, fx.Node) else None
     return v if isinstance(v, torch.Tensor) else None
@@ -166,9 +178,8 @@ class FoldFinder:
         if found is None:
             return None
         params, kinds, names = found
-        targets = [p.target for p in params]
-        if len(set(targets)) != len(targets):
-            return None  # two branches want the same parameter
+        if overlapping(params, channels):
+            return None  # two branches want the same parameter entries
         kind = "adaln" if "adaln" in kinds else ("norm" if "norm" in kinds else "linear")
         return Fold(kind, ",".join(dict.fromkeys(names)), tuple(params))
 

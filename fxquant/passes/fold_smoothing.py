@@ -33,7 +33,7 @@ import torch.fx as fx
 from .. import graph, meta
 from ..errors import CalibrationError, PassError, RecipeError
 from ..ops.w8a8 import quantize_act_per_token, quantize_weight_per_channel
-from ..smoothing import Fold, FoldFinder, apply_param_fold, smoothing_vector
+from ..smoothing import Fold, FoldFinder, ParamFold, apply_param_fold, overlapping, smoothing_vector
 from ..trace import _batch_of, _repeat_batch, as_args_kwargs
 from .base import FxquantPass, PassResult, require_records
 from .lower_w8a8 import SMOOTH_SUFFIX
@@ -92,7 +92,7 @@ class FoldSmoothing(FxquantPass):
         finder = FoldFinder(gm, frozen)
         wanted = [x for x, ms in groups.items() if any(recs[m].selection.kind == "quantize" for m in ms)]
         samples = self._capture(gm, wanted) if self.options.alpha_search else {}
-        claimed: dict[str, list[tuple[tuple[int, ...], int, int]]] = {}
+        claimed: list[ParamFold] = []  # what earlier groups folded into: a later group must not refold it
         modified = False
         for x, members in groups.items():
             quant = [m for m in members if recs[m].selection.kind == "quantize"]
@@ -100,7 +100,7 @@ class FoldSmoothing(FxquantPass):
             fold = None
             if quant and not any(recs[m].selection.kind == "skipped" for m in members):
                 fold = finder.find(x, members, recs[quant[0]].in_features)
-                if fold is not None and _conflicts(fold, claimed, recs[quant[0]].in_features):
+                if fold is not None and overlapping(fold.params, recs[quant[0]].in_features, claimed):
                     fold = None
             if fold is not None:
                 modified |= self._fold(gm, fold, members, quant, recs, samples.get(x), claimed)
@@ -126,7 +126,7 @@ class FoldSmoothing(FxquantPass):
             _scale_columns(gm, m, s)
         for pf in fold.params:
             graph.set_parameter(gm, pf.target, apply_param_fold(graph.get_attr(gm, pf.target), pf, s))
-            claimed.setdefault(pf.target, []).append((pf.dims, pf.start, pf.start + len(s)))
+            claimed.append(pf)
         for m in members:
             meta.update(m, smoothing=meta.Smoothing(fold.kind, fold.target_name, alpha, names))
         return True
@@ -221,12 +221,3 @@ def _weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
 def _scale_columns(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor) -> None:
     w = _weight(gm, node)
     graph.set_parameter(gm, str(node.args[1].target), (w.detach().float() * s[None, :]).to(w.dtype))
-
-
-def _conflicts(fold: Fold, claimed: dict, channels: int) -> bool:
-    """Whether ``fold`` touches a parameter region an earlier group already folded into."""
-    for pf in fold.params:
-        for dims, start, end in claimed.get(pf.target, ()):
-            if dims != pf.dims or len(dims) != 1 or not (pf.start + channels <= start or end <= pf.start):
-                return True
-    return False
