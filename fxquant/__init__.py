@@ -2,6 +2,7 @@
 
 from . import ops as _ops  # noqa: F401  (registers the fxquant:: custom ops)
 from .api import Summary, SummaryRow, compile, summary
+from .calibrate import record_inputs
 from .errors import (CalibrationError, FormatError, FxquantError, PassError, PassNotAvailableError, RecipeError,
                      TraceError)
 from .io import export_program, load, save, save_pt2
@@ -14,4 +15,5 @@ __all__ = [
     "compile", "summary", "Summary", "SummaryRow", "Recipe", "LayerRule", "WeightScheme", "ActivationScheme",
     "MisalignedPolicy", "FxquantError", "RecipeError", "TraceError", "CalibrationError", "PassError",
     "PassNotAvailableError", "FormatError", "__version__", "save_gguf", "GGUFReport", "save", "load", "save_pt2", "export_program",
+    "record_inputs",
 ]
