@@ -4,11 +4,14 @@
       layers.0.feed_forward.w2.qweight  uint8  ->    layers.0.feed_forward.w2.weight  Q4_K  [256, 512]
       layers.0.feed_forward.w2.bias     f32    ->    layers.0.feed_forward.w2.bias    F32   [256]
       input_proj.weight (kept float)    bf16   ->    input_proj.weight                BF16  [256, 32]
+      input_proj.bias                   bf16   ->    input_proj.bias                  F32   [256]
 
 Tensor names are the source model's state-dict keys, so diffusers (or anything reading
 diffusers names) finds every tensor where the float checkpoint had it. Quantized tensors are the
 packed bytes the op runs on, written raw with their ``GGMLQuantizationType`` and logical shape;
-float tensors keep their dtype (F32, F16 or BF16). Metadata: ``general.architecture`` is the
+float tensors keep their dtype (F32, F16 or BF16), except that BF16 tensors other than linear
+weights (biases, norm gains, embeddings) are written F32, losslessly: GGUF readers return BF16 as
+raw bytes, which diffusers decodes only for linear weights. Metadata: ``general.architecture`` is the
 source model's class name; ``fxquant.*`` keys hold the recipe (JSON), the fxquant version, the
 model's diffusers config (JSON), the branch and the per-linear scheme and note.
 
@@ -27,7 +30,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from . import codecs, meta
+from . import codecs, graph, meta
 from .errors import FormatError, FxquantError
 
 LINEAR_GGUF = "fxquant::linear_gguf"
@@ -106,6 +109,7 @@ def _quantized(gm: fx.GraphModule) -> dict[str, tuple[str, int]]:
 def _tensors(gm: fx.GraphModule) -> list[tuple[str, np.ndarray, Any, TensorEntry]]:
     """(GGUF name, array, raw GGML type or None, report entry) for every state-dict tensor."""
     quant = _quantized(gm)
+    linear_weights = {str(n.args[1].target) for n in graph.linear_nodes(gm)}
     out = []
     for key, t in gm.state_dict().items():
         t = t.detach().cpu().contiguous()
@@ -118,6 +122,11 @@ def _tensors(gm: fx.GraphModule) -> list[tuple[str, np.ndarray, Any, TensorEntry
             ty = qtype.upper()
             out.append((name, t.numpy(), _ggml(ty), TensorEntry(name, ty, (t.shape[0], cols), t.numel())))
         elif t.dtype in FLOAT_TYPES:
+            if t.dtype == torch.bfloat16 and key not in linear_weights:
+                # GGUF readers hand BF16 back as raw bytes, and diffusers only decodes those inside
+                # GGUFLinear weights: a BF16 bias, norm gain or embedding would load as bytes.
+                # llama.cpp's converters keep such tensors F32 too; the upcast is lossless.
+                t = t.float()
             ty = FLOAT_TYPES[t.dtype]
             # numpy has no bfloat16: hand the writer the raw bytes and the BF16 type.
             arr = t.view(torch.uint8).numpy() if t.dtype == torch.bfloat16 else t.numpy()
