@@ -93,6 +93,18 @@ def test_round_trip_shapes_and_accepted_inputs(qtype):
     assert 0 < err < (0.1 if qtype == "q4_k" else 0.01)
 
 
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_blocks_are_independent_across_encoder_chunks(qtype):
+    # The encoders work in chunks of blocks; a weight larger than one chunk must encode exactly
+    # like its rows one by one (llama.cpp's blocks do not see each other).
+    elems = BLOCKS[qtype][0]
+    n_blocks = 1100 if qtype == "q4_k" else 17000  # > one chunk of q4_k (1024) / q8_0 (16384)
+    rows = 4
+    x = np.random.default_rng(3).standard_t(3, (rows, n_blocks // rows * elems)).astype(np.float32)
+    whole = quantize(x, qtype)
+    np.testing.assert_array_equal(whole, np.concatenate([quantize(x[i:i + 1], qtype) for i in range(rows)]))
+
+
 def test_size_table():
     assert BLOCKS == {"q4_k": (256, 144), "q8_0": (32, 34)}
     assert bits_per_weight("q4_k") == 4.5 and bits_per_weight("Q8_0") == 8.5

@@ -43,8 +43,8 @@ BLOCK_ELEMS = 256
 BLOCK_BYTES = 144
 _SUB = 32  # elements per sub-block
 _NSUB = BLOCK_ELEMS // _SUB
-# Super-blocks encoded per pass: keeps the [32, sub-blocks] work arrays (~0.5 MiB each) in cache.
-_CHUNK = 512
+# Super-blocks encoded per pass: keeps the [32, sub-blocks] work arrays (1 MiB each) in cache.
+_CHUNK = 1024
 
 # make_qkx2_quants(32, 15, x, w, L, &min, Laux, -1.f, 0.1f, 20, false): the candidate numerators
 # (rmin + rdelta*is + nmax), each rounded in float32 as C evaluates it, left to right.
@@ -52,18 +52,25 @@ _NMAX = 15
 _STEPS = [(F32(-1.0) + F32(0.1) * F32(i)) + F32(_NMAX) for i in range(21)]
 
 
-def _seq_sum(a: np.ndarray, start: np.ndarray | None = None) -> np.ndarray:
-    """``for (i = 0; i < 32; ++i) s += a[i];`` over axis 0, in that order (NumPy's own reductions
-    may sum pairwise, which rounds differently)."""
-    s = np.zeros(a.shape[1], dtype=F32) if start is None else start.copy()
-    for row in a:
-        s += row
-    return s
+def _seq_sum(a: np.ndarray) -> np.ndarray:
+    """``float s = 0; for (i = 0; i < 32; ++i) s += a[i];`` over axis 0, in that order.
+
+    Reducing over the slow axis of a C-contiguous array, NumPy adds whole rows one after the
+    other, starting from ``initial``; only a reduction over the fast axis is pairwise (numpy.sum,
+    Notes), which rounds differently, and the reference vectors' FMA-sensitive blocks catch that.
+    """
+    return np.add.reduce(a, axis=0, initial=F32(0))
 
 
-def _clamped_codes(v: np.ndarray) -> np.ndarray:
-    """``MAX(0, MIN(15, nearest_int(v)))`` as float32 (the codes are only ever used as floats)."""
-    return np.clip(nearest_int(v), 0, _NMAX).astype(F32)
+def _codes(v: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``MAX(0, MIN(15, nearest_int(v)))`` as float32 into ``out``; ``v`` is overwritten."""
+    v += F32(12582912.0)  # nearest_int's magic constant, see _cfloat.nearest_int
+    bits = v.view(np.int32)
+    bits &= np.int32(0x007FFFFF)
+    bits -= np.int32(0x00400000)
+    np.clip(bits, 0, _NMAX, out=bits)
+    np.copyto(out, bits, casting="unsafe")
+    return out
 
 
 def _make_qkx2_quants(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -81,33 +88,49 @@ def _make_qkx2_quants(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndar
         sum_w += w[i]
         sum_x += w[i] * x[i]
 
+    # [32, S] scratch arrays reused by every candidate (the search is allocation-bound otherwise).
+    t, u, laux = np.empty_like(x), np.empty_like(x), np.empty_like(x)
     iscale = F32(_NMAX) / (mx - mn)
     scale = F32(1) / iscale
-    L = _clamped_codes(iscale * (x - mn))
-    diff = scale * L + mn - x
-    best_error = _seq_sum(w * (diff * diff))
+    np.subtract(x, mn, out=t)
+    t *= iscale
+    L = _codes(t, np.empty_like(x))
+    np.multiply(scale, L, out=t)  # diff = scale * L[i] + min - x[i]; best_error += w * diff*diff
+    t += mn
+    t -= x
+    t *= t
+    t *= w
+    best_error = _seq_sum(t)
 
     for step in _STEPS:
         # `min` is updated when a candidate wins, so later candidates use the new min, as in C.
         iscale = step / (mx - mn)
-        laux = _clamped_codes(iscale * (x - mn))
-        wl = w * laux
-        sum_l, sum_l2, sum_xl = _seq_sum(wl), _seq_sum(wl * laux), _seq_sum(wl * x)
+        np.subtract(x, mn, out=t)
+        t *= iscale
+        _codes(t, laux)
+        wl = np.multiply(w, laux, out=t)
+        sum_l = _seq_sum(wl)
+        sum_l2 = _seq_sum(np.multiply(wl, laux, out=u))  # w*l*l == (w*l)*l
+        sum_xl = _seq_sum(np.multiply(wl, x, out=wl))  # w*l*x[i] == (w*l)*x[i]
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
         pos = this_min > 0
         this_min = np.where(pos, F32(0), this_min)
         this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
-        diff = this_scale * laux + this_min - x
-        cur_error = _seq_sum(w * (diff * diff))
+        np.multiply(this_scale, laux, out=t)  # diff = this_scale * Laux[i] + this_min - x[i]
+        t += this_min
+        t -= x
+        t *= t
+        t *= w
+        cur_error = _seq_sum(t)
         win = (D > 0) & (cur_error < best_error)
-        L = np.where(win, laux, L)
+        np.copyto(L, laux, where=win)
         best_error = np.where(win, cur_error, best_error)
         scale = np.where(win, this_scale, scale)
         mn = np.where(win, this_min, mn)
 
-    L = np.where(flat, F32(0), L)
+    L[:, flat] = 0
     return np.where(flat, F32(0), scale), -np.where(flat, mn0, mn), L
 
 
@@ -150,7 +173,7 @@ def _encode_chunk(xb: np.ndarray) -> np.ndarray:
     # of the search.
     dsub = (fp16_to_f32(d)[:, None] * ls.astype(F32)).reshape(-1)
     dmsub = (fp16_to_f32(dmin)[:, None] * lm.astype(F32)).reshape(-1)
-    requant = _clamped_codes((x + dmsub) / dsub)
+    requant = _codes((x + dmsub) / dsub, np.empty_like(x))
     L = np.where(dsub != 0, requant, L).astype(np.uint8)
 
     # [32, S] -> [n, 8, 32]; sub-blocks 2g (low nibble) and 2g+1 (high nibble) share byte group g.

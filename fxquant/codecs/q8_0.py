@@ -31,19 +31,28 @@ BLOCK_ELEMS = 32
 BLOCK_BYTES = 34
 
 
-def encode_blocks(x: np.ndarray) -> np.ndarray:
-    """Quantize float32 blocks ``[n, 32]`` to GGUF Q8_0 blocks ``[n, 34]`` uint8 (all at once)."""
+# Blocks encoded per pass: keeps the temporaries (2 MiB each) in cache; ~2x faster than one pass.
+_CHUNK = 16384
+
+
+def _encode_chunk(x: np.ndarray) -> np.ndarray:
     # C: amax = MAX(amax, fabsf(v)) from 0; the inputs are finite, so this is a plain max.
     amax = np.abs(x).max(axis=1, initial=F32(0))
     d = amax / F32(127)
-    with np.errstate(divide="ignore", over="ignore"):
-        # 1/d overflows to +inf for subnormal d; the int8 store then writes 0 (see _cfloat).
-        inv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
-    with np.errstate(invalid="ignore", over="ignore"):
-        qs = roundf_to_int8_bytes(x * inv[:, None])
+    # id = d ? 1.0f/d : 0.0f. For subnormal d, 1/d is +inf and the int8 store writes 0 (see _cfloat).
+    inv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0)).astype(F32)
     out = np.empty((x.shape[0], BLOCK_BYTES), dtype=np.uint8)
     out[:, 0:2] = fp16_bytes(d)
-    out[:, 2:] = qs
+    out[:, 2:] = roundf_to_int8_bytes(x * inv[:, None])
+    return out
+
+
+def encode_blocks(x: np.ndarray) -> np.ndarray:
+    """Quantize float32 blocks ``[n, 32]`` to GGUF Q8_0 blocks ``[n, 34]`` uint8."""
+    out = np.empty((x.shape[0], BLOCK_BYTES), dtype=np.uint8)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        for start in range(0, x.shape[0], _CHUNK):
+            out[start:start + _CHUNK] = _encode_chunk(x[start:start + _CHUNK])
     return out
 
 
