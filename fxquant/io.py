@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -106,6 +107,9 @@ def export_program(gm: fx.GraphModule, example: Any = None) -> torch.export.Expo
                                "pass example= with inputs of the right shapes")
         example = example_from(rec.example_inputs, "example_inputs")
     args, kwargs = trace.as_args_kwargs(example, "example")
+    # Keyword order must follow the signature: a reloaded module re-exports wrongly otherwise.
+    order = list(inspect.signature(gm.forward).parameters)
+    kwargs = dict(sorted(kwargs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     if trace._batch_of(args, kwargs) == 1:  # a batch of 1 would be specialised, as in `trace`
         args, kwargs = trace._repeat_batch((args, kwargs))
     try:
