@@ -133,6 +133,9 @@ def test_bad_inputs(tmp_path):
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     with pytest.raises(FormatError, match="not written by fxquant.save_gguf"):
         load_gguf(other)
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(FormatError, match="junk.gguf: not a readable GGUF file"):
+        gguf_metadata(tmp_path / "junk.gguf")
     with pytest.raises(FxquantError, match="cannot be file names"):
         save_gguf({"a/b": w8}, tmp_path / "d")
 

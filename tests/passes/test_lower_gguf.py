@@ -171,7 +171,7 @@ def test_missing_precondition():
         LowerGGUF(WeightScheme.INT8, MisalignedPolicy.KEEP_FLOAT)
 
 
-def test_survives_reexport_and_torch_compile():
+def test_survives_reexport_save_load_and_torch_compile(tmp_path):
     m, ex = tiny()
     gm, _ = lower(m, ex, "q4_k")
     with torch.no_grad():
@@ -179,6 +179,11 @@ def test_survives_reexport_and_torch_compile():
         ep = torch.export.export(gm, ex, strict=False)
         assert count(ep.graph_module, LINEAR_GGUF) == 2
         torch.testing.assert_close(ep.module()(*ex), want, rtol=0, atol=0)
+        torch.export.save(ep, tmp_path / "gguf.pt2")
+        loaded = torch.export.load(tmp_path / "gguf.pt2").module()
+        node = next(n for n in loaded.graph.nodes if n.target is LINEAR_GGUF)
+        assert node.args[2:4] == ("q4_k", 256) and meta.get(node).lowering.bits_per_weight == 4.5  # via meta["custom"]
+        torch.testing.assert_close(loaded(*ex), want, rtol=0, atol=0)
         # aot_eager: dynamo + fake tensors (register_fake) + AOTAutograd around the opaque op,
         # without spending a C++ build on the shared CI box.
         compiled = torch.compile(gm, backend="aot_eager", fullgraph=True)
