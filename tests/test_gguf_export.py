@@ -6,6 +6,7 @@ References are outside fxquant: gguf-py reads the file back, and diffusers' own
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -19,7 +20,8 @@ from fxquant.gguf_export import gguf_metadata, save_gguf
 from fxquant.models import ideogram4_inputs, reduced_ideogram4
 
 gguf = pytest.importorskip("gguf")
-pytest.importorskip("accelerate")  # diffusers' GGUF quantizer needs it
+# diffusers' GGUF quantizer needs accelerate (in the test extras); only the loading tests do.
+needs_accelerate = pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="accelerate not installed")
 from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES  # noqa: E402
 from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter, dequantize_gguf_tensor  # noqa: E402
 
@@ -159,6 +161,7 @@ def test_diffusers_dequant_vs_gguf_py(exported):
             assert float((got.float() - ref).abs().max()) <= 4 * ulp, t.name
 
 
+@needs_accelerate
 @pytest.mark.slow
 @pytest.mark.parametrize("config_from", ["file", "dir"])
 def test_diffusers_loads_and_matches_fxquant(exported, tmp_path, config_from):
@@ -183,6 +186,7 @@ def test_diffusers_loads_and_matches_fxquant(exported, tmp_path, config_from):
     assert rel < 2e-3 and rel < 0.1 * float((want - flt).norm() / flt.norm())
 
 
+@needs_accelerate
 def test_diffusers_refuses_foreign_names(exported, tmp_path):
     model, _, path, _ = exported
     cfg = {**model.config, "num_layers": 5}  # one more layer than the file holds
@@ -203,6 +207,7 @@ def test_single_file_support_is_scoped():
             pass
 
 
+@needs_accelerate
 @pytest.mark.slow
 def test_diffusers_loads_a_bf16_model(tmp_path):
     """BF16 model: kept-float linear weights stay BF16 (diffusers wraps them in GGUFLinear too),
