@@ -230,3 +230,14 @@ def test_diffusers_loads_a_bf16_model(tmp_path):
         got, want, flt = (m(**ex).sample.float() for m in (dm, gm, model))
     # Those 1-ulp flips move the bf16 output ~2% (measured); quantization moves it ~6%.
     assert float((got - want).norm() / want.norm()) < 0.5 * float((want - flt).norm() / flt.norm())
+
+
+def test_reloaded_module_exports_the_same_file(tmp_path):
+    """compile -> fxquant.save -> fxquant.load -> save_gguf writes the same bytes as straight from compile."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+    gm = fxquant.compile(m, "q4_k", calibration=[(torch.randn(2, 3, 256),)])
+    fxquant.save(gm, tmp_path / "m.fxq.safetensors")
+    save_gguf(gm, tmp_path / "a.gguf")
+    save_gguf(fxquant.load(tmp_path / "m.fxq.safetensors"), tmp_path / "b.gguf")
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
