@@ -98,6 +98,11 @@ def main(argv=None) -> int:
                      "mweights_per_s_wall": round(n / wall / 1e6, 2),
                      "mweights_per_s_cpu": round(n / max(cpu, 1e-9) / 1e6, 2), **extra})
 
+    # Bound for any decoder that returns a new CPU tensor: allocating and filling one (page faults
+    # included). The C reference writes into malloc'd memory that glibc reuses between calls.
+    _, t = _timed(lambda: torch.ones(args.rows, args.cols), 3)
+    record("-", "alloc", "torch.ones (allocation bound)", t)
+
     for qtype in args.qtypes.split(","):
         q, t = _timed(lambda: quantize(w, qtype), args.repeats)
         record(qtype, "encode", "fxquant numpy (1 thread)", t)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf  # a test dependency (pyproject's [test] extra): the second reference decoder
 import numpy as np
 import pytest
 import torch
 
 from fxquant.codecs import BLOCKS, bits_per_weight, dequantize, quantize, row_bytes
 from fxquant.errors import FormatError
-
-gguf = pytest.importorskip("gguf")
 
 DATA = Path(__file__).parent / "data" / "gguf"
 QTYPES = ("q4_k", "q8_0")
