@@ -257,6 +257,15 @@ def load(path: PathLike) -> Union[fx.GraphModule, dict[str, fx.GraphModule]]:
     return out if manifest["kind"] == "branches" else out[SINGLE]
 
 
+def read_manifest(path: PathLike) -> dict[str, Any]:
+    """The verified JSON manifest of a saved artifact, without reading tensor data or building a module.
+
+    Raises:
+        FormatError: as `load`, for everything but the tensor checksums and the program.
+    """
+    return _check_manifest(os.fspath(path), _read_header(os.fspath(path)))
+
+
 def _read_header(path: str) -> dict[str, Any]:
     try:
         size = os.path.getsize(path)
