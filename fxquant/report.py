@@ -1,0 +1,236 @@
+"""The analysis report: why each linear was protected, as JSON, Markdown and PNG plots.
+
+    report(gm, "out/")  ->  out/report.json        every record (stats, fragility, selection, lowering)
+                            out/report.md          ranking table, protected set and why, ladder
+                            out/fragility.png      score per linear in graph order, kept-float ones coloured
+                            out/ladder.png         error vs k, knee marked (with ``ladder=``)
+
+For a dict of CFG branches every file carries the branch (``fragility_cond.png``, one JSON and
+one Markdown). ``fed_by`` names, for each linear, the linears whose outputs reach its input
+without passing through another linear (a `networkx` ancestor search on the FX graph with
+linear nodes as cut points): the reason a ``feed_forward.w2`` has outlier channels is the
+``w1``/``w3`` product feeding it. Plots use matplotlib's Agg backend (the ``report`` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Optional, Union
+
+import torch.fx as fx
+
+from . import meta
+from .errors import FxquantError
+from .ladder import Ladder
+
+GraphLike = Union[fx.GraphModule, Mapping[str, fx.GraphModule]]
+
+
+def fed_by(gm: fx.GraphModule) -> dict[str, list[str]]:
+    """Linear name -> the nearest upstream linears feeding its activation input (graph order)."""
+    import networkx as nx
+
+    linears = {node: rec.name for node, rec in meta.records(gm)}
+    g = nx.DiGraph()
+    g.add_nodes_from(gm.graph.nodes)
+    g.add_edges_from((i, n) for n in gm.graph.nodes for i in n.all_input_nodes if i not in linears)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    out = {}
+    for node, name in linears.items():
+        x = node.args[0]
+        if not isinstance(x, fx.Node):
+            out[name] = []
+            continue
+        up = nx.ancestors(g, x) | {x}
+        # an ancestor that is a linear has no in-edges in the cut graph: it is a frontier linear
+        feeders = [n for n in up if n in linears] + [p for n in up for p in n.all_input_nodes if p in linears]
+        out[name] = [linears[n] for n in sorted(set(feeders), key=order.__getitem__)]
+    return out
+
+
+def _rows(gm: fx.GraphModule) -> list[dict[str, Any]]:
+    feeders = fed_by(gm)
+    rows = []
+    for _, r in meta.records(gm):
+        row = r.to_json()
+        if r.stats is not None and r.stats.per_step:
+            row["mean_kurtosis"] = sum(s[3] for s in r.stats.per_step) / len(r.stats.per_step)
+        row["fed_by"] = feeders[r.name]
+        rows.append(row)
+    return rows
+
+
+def _plot_fragility(rows: list[dict[str, Any]], title: str, path: str) -> None:
+    plt = _pyplot()
+    scored = [r for r in rows if "fragility" in r]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(rows) + 3), 4.0))
+    xs = range(len(scored))
+    colors = [_color(r.get("selection", {})) for r in scored]
+    prot = [c != COLORS["quantized"] for c in colors]
+    ax.bar(xs, [max(r["fragility"]["score"], 1e-12) for r in scored], color=colors)
+    ax.set_yscale("log")
+    if scored:  # headroom above the tallest bar for its rotated name and the legend
+        ax.set_ylim(top=max(r["fragility"]["score"] for r in scored) * 40)
+    ax.set_xlabel("linear (graph order)")
+    ax.set_ylabel("fragility score")
+    ax.set_title(title)
+    for x, r, p in zip(xs, scored, prot):
+        if p:
+            ax.annotate(r["name"], (x, r["fragility"]["score"]), rotation=90, fontsize=6, ha="center", va="bottom")
+    used = [k for k, c in COLORS.items() if c in colors]
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in used], labels=used,
+              loc="upper left", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+COLORS = {"protected: top-k": "tab:red", "protected: rule": "tab:orange", "skipped": "tab:gray", "quantized": "tab:blue"}
+
+
+def _color(sel: dict[str, Any]) -> str:
+    kind = sel.get("kind", "quantize")
+    if kind == "quantize":
+        return COLORS["quantized"]
+    if kind == "skipped":
+        return COLORS["skipped"]
+    return COLORS["protected: top-k" if sel.get("reason", "").startswith("fragility rank") else "protected: rule"]
+
+
+def _plot_ladder(ladder: Ladder, title: str, path: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    ks = [p.k for p in ladder.points]
+    ax.plot(ks, [p.rel_error for p in ladder.points], "o-", label="pooled")
+    ax.plot(ks, [p.max_rel_error for p in ladder.points], "x--", alpha=0.6, label="worst input")
+    knee = ladder.knee()
+    if knee is not None:
+        e = next(p.rel_error for p in ladder.points if p.k == knee)
+        ax.axvline(knee, color="tab:red", lw=0.8)
+        ax.annotate(f"knee k={knee}", (knee, e), color="tab:red", xytext=(5, 10), textcoords="offset points")
+    ax.set_xlabel("k (most fragile linears kept in float)")
+    ax.set_ylabel("relative L2 error vs float")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise FxquantError("report: the PNG plots need matplotlib; install fxquant[report] (pip install matplotlib)") from None
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _markdown(section: str, g: Optional[meta.GraphRecord], rows: list[dict[str, Any]], png: str) -> list[str]:
+    lines = [f"## {section}", ""]
+    if g is not None:
+        lines.append(f"- recipe: `{g.recipe.get('name', '?')}`; calibration inputs: {g.num_calibration}; "
+                     f"timesteps (denoising order): {', '.join(f'{t:g}' for t in g.timesteps) or '-'}")
+        rho = "-" if g.spearman_rho is None else f"{g.spearman_rho:.3f}"
+        lines.append(f"- ranking stability, Spearman rho of early vs late half of the trajectory: {rho}")
+    kept = [r for r in rows if r.get("selection", {}).get("kind", "quantize") != "quantize"]
+    lines += [f"- kept in float: {len(kept)} of {len(rows)} linears", "", f"![fragility]({png})", "",
+              "| rank | linear | score | mean kurtosis | max abs | early/late rank | scheme | why | fed by |",
+              "|---:|---|---:|---:|---:|---|---|---|---|"]
+
+    def key(r: dict[str, Any]) -> tuple:
+        return (r["fragility"]["rank"] if "fragility" in r else 1 << 30, r["name"])
+
+    for r in sorted(rows, key=key):
+        f, s, sel = r.get("fragility", {}), r.get("stats", {}), r.get("selection", {})
+        scheme = sel.get("kind") if sel.get("kind", "quantize") != "quantize" else r.get("lowering", {}).get("scheme", "-")
+        el = f"{f.get('early_rank') or '-'}/{f.get('late_rank') or '-'}" if f else "-"
+        lines.append("| " + " | ".join([
+            str(f.get("rank", "-")), f"`{r['name']}`", _num(f.get("score")), _num(r.get("mean_kurtosis")),
+            _num(s.get("max_abs")), el, str(scheme), sel.get("reason", "") or "-",
+            _feeders(r["fed_by"])]) + " |")
+    return lines + [""]
+
+
+def _feeders(names: list[str]) -> str:
+    # A residual-stream input is fed by every earlier block: a count says more than a list.
+    return ", ".join(f"`{n}`" for n in names) if len(names) <= 3 else f"{len(names)} linears (see JSON)"
+
+
+def _num(v: Any) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def _ladder_md(ladder: Ladder, png: str, section: str) -> list[str]:
+    knee = ladder.knee()
+    lines = [f"## Protection ladder{section}", "",
+             f"Recipe `{ladder.recipe}`, {ladder.num_linears} linears, {ladder.num_evaluation} held-out inputs; "
+             f"knee: {'-' if knee is None else f'k = {knee}'}.", "", f"![ladder]({png})", "",
+             "| k | kept in float | relative error | worst input | linear weights (MiB) |", "|---:|---:|---:|---:|---:|"]
+    for p in ladder.points:
+        lines.append(f"| {p.k} | {len(p.protected)} | {p.rel_error:.5g} | {p.max_rel_error:.5g} | "
+                     f"{p.weight_bytes / 2**20:.3f} |")
+    return lines + [""]
+
+
+def report(gm: GraphLike, path: Union[str, "os.PathLike[str]"],
+           ladder: Union[Ladder, Mapping[str, Ladder], None] = None) -> dict[str, str]:
+    """Write the analysis report of a compiled module (or dict of branches) into directory ``path``.
+
+    Args:
+        gm: the output of `fxquant.compile` (or `Ladder.analysed`): any GraphModule with records.
+        path: a directory, created if missing; existing report files in it are overwritten.
+        ladder: a `fxquant.protection_ladder` result (or a dict of them, keyed like ``gm``).
+
+    Returns:
+        ``{"json": ..., "markdown": ..., "fragility_png"[_branch]: ..., "ladder_png"[_branch]: ...}`` paths.
+
+    Raises:
+        FxquantError: ``gm`` has no records, or matplotlib is missing.
+
+    Example:
+        >>> fxquant.report(gm, "report/", ladder=fxquant.protection_ladder(model, [0, 2, 4], cal, held))  # doctest: +SKIP
+    """
+    branches = dict(gm) if isinstance(gm, Mapping) else {"": gm}
+    ladders = dict(ladder) if isinstance(ladder, Mapping) else ({"": ladder} if ladder is not None else {})
+    if isinstance(gm, Mapping) and ladder is not None and not isinstance(ladder, Mapping):
+        raise FxquantError("report: gm is a dict of branches; give ladder as a dict with the same keys")
+    if set(ladders) - set(branches):
+        raise FxquantError(f"report: ladder keys {sorted(ladders)} are not branches of gm ({sorted(branches)})")
+    os.makedirs(path, exist_ok=True)
+    written: dict[str, str] = {}
+    doc: dict[str, Any] = {"branches": {}}
+    md = ["# fxquant analysis report", ""]
+    for name, g in branches.items():
+        if not meta.records(g):
+            raise FxquantError(f"report: branch {name!r} has no fxquant records; was it produced by fxquant.compile?"
+                               if name else "report: this module has no fxquant records; was it produced by fxquant.compile?")
+        suffix = f"_{name}" if name else ""
+        rows, grec = _rows(g), meta.graph_record(g)
+        png = f"fragility{suffix}.png"
+        _plot_fragility(rows, f"fragility per linear{' (' + name + ')' if name else ''}", os.path.join(path, png))
+        written[f"fragility_png{suffix}"] = os.path.join(path, png)
+        md += _markdown(f"Branch `{name}`" if name else "Linears by fragility", grec, rows, png)
+        doc["branches"][name] = {"graph": grec.to_json() if grec is not None else None, "linears": rows}
+        if name in ladders:
+            lp = f"ladder{suffix}.png"
+            _plot_ladder(ladders[name], f"protection ladder{' (' + name + ')' if name else ''}", os.path.join(path, lp))
+            written[f"ladder_png{suffix}"] = os.path.join(path, lp)
+            md += _ladder_md(ladders[name], lp, f" (`{name}`)" if name else "")
+            doc["branches"][name]["ladder"] = ladders[name].to_json()
+    written["json"] = os.path.join(path, "report.json")
+    with open(written["json"], "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2, default=_json_default)
+    written["markdown"] = os.path.join(path, "report.md")
+    with open(written["markdown"], "w", encoding="utf-8") as f:
+        f.write("\n".join(md))
+    return written
+
+
+def _json_default(v: Any) -> Any:
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    raise TypeError(f"report: cannot write {type(v).__name__} to JSON")
