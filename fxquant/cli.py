@@ -203,11 +203,10 @@ def cmd_report(args: argparse.Namespace, progress: Progress) -> None:
     if report is None:
         raise CliError("report: this fxquant has no fxquant.report (the analysis report is not available)")
     targets = _select(_load(args.path, progress), args.branch)
-    for name, gm in targets.items():
-        out = os.path.join(args.out, name) if len(targets) > 1 else args.out
-        progress(f"writing the report{' of branch ' + repr(name) if name else ''} to {out}")
-        report(gm, out)
-        print(out)
+    progress(f"writing the report to {args.out}")
+    written = report(targets[""] if "" in targets else targets, args.out)  # report takes a dict of branches too
+    for path in written.values():
+        print(path)
 
 
 # ---------------------------------------------------------------- parser and entry point
@@ -249,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export)
 
     r = sub.add_parser("report", parents=[common], help="write the analysis report of a saved artifact",
-                       description="Write fxquant.report's tables and plots for a saved artifact (one sub-folder per branch).")
+                       description="Write fxquant.report's JSON, Markdown and plots for a saved artifact.")
     r.add_argument("path")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--branch", help="report only this branch")
