@@ -157,6 +157,8 @@ def _markdown(section: str, g: Optional[meta.GraphRecord], rows: list[dict[str, 
 
 def _feeders(names: list[str]) -> str:
     # A residual-stream input is fed by every earlier block: a count says more than a list.
+    if not names:
+        return "-"
     return ", ".join(f"`{n}`" for n in names) if len(names) <= 3 else f"{len(names)} linears (see JSON)"
 
 
