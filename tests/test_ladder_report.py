@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import fxquant
-from fxquant import meta
 from fxquant.ladder import Ladder, LadderPoint, protection_ladder
 from fxquant.models import ideogram4_inputs, ideogram4_trajectory, reduced_ideogram4
 from fxquant.report import fed_by, report
