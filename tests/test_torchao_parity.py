@@ -55,10 +55,12 @@ def outputs(request):
 
 def test_every_linear_is_lowered_to_int8_weights(outputs):
     _, gm, model, dtype = outputs
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    names = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linears = list(names.values())
     assert sum(n.target is W8A8 for n in gm.graph.nodes) == len(linears) == 4 * 8 + 7  # 4 blocks + the rest
     sd = gm.state_dict()
-    assert not any(k.endswith(".weight") and sd[k].ndim == 2 and sd[k].is_floating_point() for k in sd)
+    assert not any(f"{n}.weight" in sd for n in names)  # no float copy left behind
+    assert all(sd[f"{n}.weight_int8"].dtype == torch.int8 for n in names)
     float_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     int8_bytes = sum(v.numel() * v.element_size() for k, v in sd.items() if k.endswith((".weight_int8", ".weight_scale")))
     per_weight = torch.finfo(dtype).bits // 8
