@@ -46,7 +46,7 @@ def test_dict_round_trip_is_bit_identical_on_new_shapes(compiled, saved):
     loaded = fxquant.load(saved)
     assert isinstance(loaded, dict) and list(loaded) == ["cond", "uncond"]
     for name, gm in compiled.items():
-        for batch, text_len, hw in [(3, 5, (3, 3)), (1, 9, (2, 4))]:  # neither is the tracing example's shape
+        for batch, text_len, hw in [(3, 5, (3, 3)), (1, 9, (2, 4)), (1, 12, (8, 8))]:  # not the tracing shape
             ex = _inputs(batch, text_len, hw)
             with torch.no_grad():
                 ref, out = gm(**ex), loaded[name](**ex)
@@ -63,6 +63,9 @@ def test_loaded_module_keeps_records_summary_and_int8_weights(compiled, saved):
         ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is W8A8]
         assert len(ops) == sum(1 for n in compiled[name].graph.nodes if n.target is W8A8) > 0
         sd = gm.state_dict()
+        # Tensors straight from safetensors are only 8-byte aligned; CPU GEMMs take another path on
+        # them and round differently (seen: 1-ulp output differences at batch 1).
+        assert all(t.data_ptr() % 64 == 0 for t in sd.values() if t.numel())
         assert sd["layers.0.attention.to_q.weight_int8"].dtype == torch.int8
         assert "layers.0.attention.to_q.weight" not in sd  # no float copy came back
         torch.testing.assert_close(sd["layers.0.attention.to_q.weight_int8"],
