@@ -123,7 +123,7 @@ def export_program(gm: fx.GraphModule, example: Any = None) -> torch.export.Expo
 
 def save_pt2(gm: fx.GraphModule, path: PathLike, example: Any = None) -> None:
     """``torch.export.save(export_program(gm, example), path)``; reload with ``torch.export.load``
-    after ``import fxquant`` (and the module defining the output type, e.g. ``import diffusers``)."""
+    after ``import fxquant`` (and the module defining the output type, e.g. ``import diffusers.models.modeling_outputs``)."""
     torch.export.save(export_program(gm, example), os.fspath(path))
 
 
