@@ -59,7 +59,7 @@ def describe_inputs(example: Any) -> Any:
     if isinstance(example, Mapping):
         return {"dict": {str(k): describe_inputs(v) for k, v in example.items()}}
     if isinstance(example, (list, tuple)):
-        return {type(example).__name__: [describe_inputs(v) for v in example]}
+        return {"tuple" if isinstance(example, tuple) else "list": [describe_inputs(v) for v in example]}
     if example is None or isinstance(example, (bool, int, float, str)):
         return {"value": example}
     return {"unsupported": type(example).__name__}
@@ -244,15 +244,19 @@ def load(path: PathLike) -> Union[fx.GraphModule, dict[str, fx.GraphModule]]:
     header = _read_header(path)
     manifest = _check_manifest(path, header)
     checked: dict[str, torch.Tensor] = {}
-    with safe_open(path, framework="pt") as f:
+    try:
+        f = safe_open(path, framework="pt")
+    except Exception as e:  # noqa: BLE001 - safetensors' own header checks (overlapping offsets, ...)
+        raise FormatError(f"{path}: safetensors cannot read the file: {e}") from None
+    with f:
         for key in sorted(header.keys() - {"__metadata__"}):
             # A fresh allocation: safetensors hands out 8-byte-aligned memory, on which CPU GEMMs
             # take another path and round differently (1 ulp), so outputs would not be bit-identical.
             t = f.get_tensor(key).clone()
-            expected = _find_entry(manifest, key)["sha256"]
-            if _sha256(t) != expected:
+            expected, found = _find_entry(manifest, key)["sha256"], _sha256(t)
+            if found != expected:
                 raise FormatError(f"{path}: tensor {key!r}: data does not match its sha256 in the metadata "
-                                  f"(corrupt bytes); expected {expected[:16]}…, found {_sha256(t)[:16]}…")
+                                  f"(corrupt bytes); expected {expected[:16]}…, found {found[:16]}…")
             checked[key] = t
     out = {name: _build(path, name, manifest["branches"][name], checked, manifest["torch_version"])
            for name in manifest["order"]}
@@ -320,7 +324,7 @@ def _check_manifest(path: str, header: dict[str, Any]) -> dict[str, Any]:
     for key in sorted(present - listed):
         raise FormatError(f"{path}: tensor {key!r} in the file is not listed in the metadata")
     for key in sorted(listed):
-        e, h = _find_entry(manifest, key), header[key]
+        e, h = _find_entry(manifest, key), header[key] if isinstance(header[key], dict) else {}
         if list(h.get("shape", ())) != e["shape"] or h.get("dtype") != _DTYPES.get(_BY_NAME.get(e["dtype"])):
             raise FormatError(f"{path}: tensor {key!r} has shape {h.get('shape')} and dtype {h.get('dtype')}, "
                               f"the metadata expects shape {e['shape']} and dtype {e['dtype']}")

@@ -246,3 +246,15 @@ def test_not_an_fxquant_file_and_missing_file(tmp_path):
     _bad(tmp_path / "junk.safetensors", "not a safetensors file")
     _bad(tmp_path / "nope.safetensors", "cannot read")
     assert not os.path.exists(tmp_path / "nope.safetensors")
+
+
+def test_header_offsets_that_do_not_add_up(saved, tmp_path):
+    data = saved.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    start, end = header[Q_KEY]["data_offsets"]
+    header[Q_KEY]["data_offsets"] = [0, end - start]  # overlaps the first tensor
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    (tmp_path / "offsets.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    _bad(tmp_path / "offsets.safetensors", Q_KEY)
