@@ -81,23 +81,23 @@ def quantize_act_per_token(x2d: Tensor, smooth: Optional[Tensor] = None) -> tupl
     return q, s
 
 
-def _int_mm(a: Tensor, b: Tensor) -> Tensor:
-    """int8 [M, K] x int8 [K, N] -> int32 [M, N] on torch's int_mm path.
+def _int_mm(a: Tensor, w: Tensor) -> Tensor:
+    """int8 activations [M, K] x int8 weight rows [N, K] -> int32 [M, N], as ``torch._int_mm(a, w.t())``.
 
-    CUDA's kernel wants M > 16 and K, N multiples of 8: zero rows and columns are padded in (they
-    add nothing to the dot products) and cut off after. CPU takes any shape.
+    The weight goes in transposed (column-major), the layout cuBLAS' int8 GEMM supports everywhere.
+    CUDA also wants M > 16 and K, N multiples of 8: zero rows and columns are padded in (they add
+    nothing to the dot products) and cut off after. CPU takes any shape.
     """
     if not a.is_cuda:
-        return torch._int_mm(a, b)
+        return torch._int_mm(a, w.t())
     m, k = a.shape
-    n = b.shape[1]
-    pk, pn = -k % 8 + (8 if k < 8 else 0), -n % 8 + (8 if n < 8 else 0)
-    pm = max(0, 17 - m)
+    n = w.shape[0]
+    pk, pn, pm = -k % 8, -n % 8, max(0, 17 - m)
     if pk or pm:
         a = F.pad(a, (0, pk, 0, pm))
     if pk or pn:
-        b = F.pad(b, (0, pn, 0, pk))
-    return torch._int_mm(a, b)[:m, :n]
+        w = F.pad(w, (0, pk, 0, pn))
+    return torch._int_mm(a, w.t())[:m, :n]
 
 
 def _slices(total: int, step: int) -> list[slice]:
@@ -135,7 +135,7 @@ def linear_w8a8(
     out = torch.empty(tokens, out_features, dtype=x.dtype, device=dev)
     scratch = torch.empty(tokens * min(cols, out_features), dtype=torch.float32, device=dev)
     for c in _slices(out_features, cols):
-        acc = _int_mm(xq, weight_int8[c].t())
+        acc = _int_mm(xq, weight_int8[c])
         y = torch.mul(acc, xs, out=scratch[: acc.numel()].view(acc.shape))  # int32 * float32 -> float32
         if bias is not None:
             torch.add(y.mul_(weight_scale[c]), bias[c], out=out[:, c])  # float32 sum, one rounding
