@@ -99,7 +99,7 @@ def test_matmul_and_rescale_match_torchao_int_scaled_matmul():
 def test_cpu_slicing_changes_no_bit():
     """Shapes that take several row blocks and a ragged last column block give exactly the
     unsliced formula (quantize all, one _int_mm, rescale all)."""
-    tokens, k, n = 300, 4608, 4000
+    tokens, k, n = 600, 4608, 4000
     rows = w8a8.CPU_SLICE_ELEMS // k
     cols = max(w8a8.MIN_COLUMN_BLOCK, w8a8.CPU_SLICE_ELEMS // tokens // w8a8.MIN_COLUMN_BLOCK * w8a8.MIN_COLUMN_BLOCK)
     assert tokens > rows and n > cols and n % cols != 0  # the test is about slices: make sure there are some
