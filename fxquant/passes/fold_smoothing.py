@@ -57,8 +57,25 @@ class SmoothOptions:
 
 
 class FoldSmoothing(FxquantPass):
-    """Args: alpha, alpha_search (see `SmoothOptions`); calibration: the example inputs, needed
-    only for the alpha search."""
+    """Fold SmoothQuant vectors into the graph (see the module docstring).
+
+    Args:
+        alpha, alpha_search: see `SmoothOptions`.
+        calibration: the example inputs (as given to ``compile``); needed only for the alpha search.
+        search_tokens: input rows per group the alpha search simulates.
+
+    Returns (from ``__call__``): ``PassResult(gm, modified)``; every linear gets ``smoothing``.
+
+    Raises:
+        PassError: no ``selection`` (run select_protected), a quantized linear without
+            ``stats.channel_max_abs`` of shape [in_features] (run collect_stats), or an alpha
+            search without calibration inputs.
+        CalibrationError: non-finite statistics, or calibration inputs the graph cannot take.
+        RecipeError: alpha outside [0, 1].
+
+    Example:
+        >>> FoldSmoothing(alpha=0.5)(gm)  # after find_linears, collect_stats, select_protected  # doctest: +SKIP
+    """
 
     name = "fold_smoothing"
 
@@ -117,8 +134,8 @@ class FoldSmoothing(FxquantPass):
     # ---------------------------------------------------------------- rewrites
 
     def _fold(self, gm, fold: Fold, members, quant, recs, sample, claimed) -> bool:
-        act = torch.stack([recs[m].stats.channel_max_abs.float() for m in quant]).amax(0)
         ws = [_weight(gm, m) for m in quant]
+        act = torch.stack([recs[m].stats.channel_max_abs.float().to(ws[0].device) for m in quant]).amax(0)
         names = tuple(recs[m].name for m in members)
         alpha = self._alpha(act, ws, sample, names[0])
         s = smoothing_vector(act, torch.stack([w.abs().amax(0) for w in ws]).amax(0), alpha, names[0])
@@ -133,7 +150,7 @@ class FoldSmoothing(FxquantPass):
 
     def _fuse(self, gm, node: fx.Node, rec: meta.LinearRecord, sample) -> bool:
         w = _weight(gm, node)
-        act = rec.stats.channel_max_abs.float()
+        act = rec.stats.channel_max_abs.float().to(w.device)
         alpha = self._alpha(act, [w], sample, rec.name)
         s = smoothing_vector(act, w.abs().amax(0), alpha, rec.name)
         if bool((s == 1).all()):
@@ -162,7 +179,7 @@ class FoldSmoothing(FxquantPass):
         """The fixed alpha, or the candidate minimising the simulated W8A8 error of the group."""
         if not self.options.alpha_search or sample is None:
             return self.options.alpha
-        x = sample.float()
+        x = sample.float().to(act.device)
         refs = [x @ w.float().T for w in weights]
         denom = sum(float(r.pow(2).sum()) for r in refs) or 1.0
         best, best_err = self.options.alpha_search[0], float("inf")
@@ -184,10 +201,13 @@ class FoldSmoothing(FxquantPass):
         per = max(1, -(-self.options.search_tokens // max(1, len(examples))))
         cap = _Capture(gm, set(wanted), per)
         sig = inspect.signature(gm.forward)
+        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
         for i, ex in enumerate(examples):
             args, kwargs = as_args_kwargs(ex, f"calibration[{i}]")
-            if _batch_of(args, kwargs) == 1:
+            if _batch_of(args, kwargs) == 1:  # as trace does: export specialises a batch of 1
                 args, kwargs = _repeat_batch((args, kwargs))
+            args, kwargs = torch.utils._pytree.tree_map(
+                lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, (args, kwargs))
             try:
                 bound = sig.bind(*args, **kwargs)
             except TypeError as e:
