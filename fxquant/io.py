@@ -2,8 +2,8 @@
 
     compiled GraphModule (or {"cond": gm, "uncond": gm})
         -> torch.export.export(gm, example, dynamic batch/seq)       (the graph, re-exported)
-        -> model.fxq.safetensors:
-             tensors   "<branch>/params/<fqn>", "<branch>/constants/<fqn>"   weights, int8/uint8/float
+        -> model.safetensors:
+             tensors   "<branch>/{params,buffers,constants}/<fqn>"   weights: int8 / uint8 / float
                        "<branch>/program"   uint8: torch's own JSON serialization of the program
              metadata  "fxquant"          the manifest (format version, versions, recipe, per-layer
                                           records, per-tensor shape/dtype/sha256)
@@ -184,7 +184,13 @@ def save(model: Union[fx.GraphModule, Mapping[str, fx.GraphModule]], path: PathL
                                       "schema_version": list(serde.SCHEMA_VERSION), "tensors": entries}
     text = json.dumps(manifest, sort_keys=True)
     digests = json.dumps(_digests(json.loads(text)), sort_keys=True)
-    save_file(tensors, os.fspath(path), metadata={MANIFEST_KEY: text, DIGESTS_KEY: digests})
+    tmp = f"{os.fspath(path)}.partial"  # never leave a half-written artifact under the real name
+    try:
+        save_file(tensors, tmp, metadata={MANIFEST_KEY: text, DIGESTS_KEY: digests})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _entry(kind: str, fqn: str, t: torch.Tensor) -> dict[str, Any]:
