@@ -13,19 +13,25 @@ Progress goes to stderr. An error prints one line ``fxquant: error: ...`` and ex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 BUILTIN = "builtin:ideogram4-reduced"
+# Libraries that log warnings on import or use (torchao's optional kernels, diffusers' dtype notes);
+# the command line shows them only with --verbose, so an error stays one line.
+NOISY_LOGGERS = ("torch", "torchao", "diffusers")
 
 
 class CliError(Exception):
@@ -173,7 +179,8 @@ def cmd_inspect(args: argparse.Namespace, progress: Progress) -> None:
     print(f"{args.path}: fxquant artifact, format version {m['format_version']}, written by fxquant "
           f"{m['fxquant_version']} with torch {m['torch_version']}")
     n = sum(len(b["tensors"]) for b in m["branches"].values())
-    print(f"{m['kind']}: {', '.join(m['order'])}; {n} tensors (sha256 verified); {os.path.getsize(args.path) / 2**20:.2f} MiB")
+    what = "a single module" if m["kind"] == "module" else f"branches: {', '.join(m['order'])}"
+    print(f"{what}; {n} tensors (sha256 verified); {os.path.getsize(args.path) / 2**20:.2f} MiB")
     print(f"recipe: {json.dumps(next(iter(m['branches'].values()))['graph']['recipe'], sort_keys=True)}")
     print()
     print(fxquant.summary(loaded))
@@ -216,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--traceback", action="store_true", help="print the Python traceback on errors")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+    common.add_argument("-v", "--verbose", action="store_true", help="show warnings from torch, torchao and diffusers")
     p = argparse.ArgumentParser(prog="fxquant", description="Post-training quantization compiler for diffusion transformers.",
                                 parents=[common])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -256,6 +264,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def _quiet_libraries(enabled: bool):
+    """Raise the noisy libraries' log level to ERROR and ignore Python warnings, restoring both after."""
+    if not enabled:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    env = os.environ.get("DIFFUSERS_VERBOSITY")
+    os.environ["DIFFUSERS_VERBOSITY"] = "error"  # diffusers resets its level when first imported
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        if env is None:
+            os.environ.pop("DIFFUSERS_VERBOSITY", None)
+        else:
+            os.environ["DIFFUSERS_VERBOSITY"] = env
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 error, 2 usage)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -265,7 +298,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(e.code or 0)
     show_tb = args.traceback or os.environ.get("FXQUANT_TRACEBACK", "") not in ("", "0")
     try:
-        args.func(args, Progress(args.quiet))
+        with _quiet_libraries(not args.verbose):
+            args.func(args, Progress(args.quiet))
         return 0
     except KeyboardInterrupt:
         print("fxquant: interrupted", file=sys.stderr)

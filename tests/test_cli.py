@@ -123,6 +123,8 @@ def test_missing_backend_is_a_clean_error(monkeypatch, argv, missing):
     (["compile", "--model", "no_such_module_xyz:make", "--recipe", "w8a8-naive", "--calibration", __file__, "--out", "x"],
      "cannot import"),
     (["compile", "--model", "nocolon", "--recipe", "w8a8-naive", "--out", "x"], "expected"),
+    (["compile", "--model", "no/such/file.py:make", "--recipe", "w8a8-naive", "--out", "x"], "no such file"),
+    (["export", "missing.safetensors", "--format", "pt2", "--out", "x.pt2"], "missing.safetensors: cannot read"),
     (["compile", "--model", BUILTIN, "--recipe", "w8a8-naive", "--calibration", "nope.pt", "--out", "x"], "no such file"),
 ])
 def test_errors_are_one_line_without_traceback(argv, fragment):

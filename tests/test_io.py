@@ -245,6 +245,8 @@ def test_not_an_fxquant_file_and_missing_file(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     _bad(tmp_path / "junk.safetensors", "not a safetensors file")
     _bad(tmp_path / "nope.safetensors", "cannot read")
+    (tmp_path / "m.pt2").write_bytes(b"PK\x03\x04" + bytes(100))
+    _bad(tmp_path / "m.pt2", "torch.export.load")
     assert not os.path.exists(tmp_path / "nope.safetensors")
 
 
