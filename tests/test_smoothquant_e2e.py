@@ -11,7 +11,9 @@ import torch
 import fxquant
 from fxquant import meta, pipeline
 from fxquant.models import ideogram4_inputs, ideogram4_trajectory, reduced_ideogram4
+from fxquant.graph import linear_nodes, module_name, set_parameter
 from fxquant.passes.fold_smoothing import FoldSmoothing
+from fxquant.smoothing import FoldFinder, apply_param_fold
 from fxquant.trace import trace
 
 from .conftest import rel_err
@@ -124,3 +126,26 @@ def test_quality_ablation_orders_like_the_paper():
     naive, sq, prot, both = (e[k] for k in qa.VARIANTS)
     assert naive > sq and naive > prot, e
     assert both < sq and both < prot, e
+
+
+def test_ideogram4_block_adaln_chunk_is_the_fallback_for_qkv(ideogram):
+    """With the norm weight unavailable, q/k/v fold into scale_msa: chunk 0 of 4 of the block's
+    adaln_modulation, shifted by the +1, broadcast over tokens."""
+    ex = ideogram4_inputs(batch=2, text_len=4, image_hw=(2, 3), seed=1)
+    gm = trace(ideogram, ex)
+    qkv = [n for n in linear_nodes(gm) if module_name(n).startswith("layers.1.attention.to_")][:3]
+    x = qkv[0].args[0]
+    fold = FoldFinder(gm, frozen={"layers.1.attention_norm1.weight"}).find(x, qkv, 128)
+    assert fold is not None and fold.kind == "adaln" and fold.target_name == "layers.1.adaln_modulation"
+    assert [(p.target, p.start, p.shift) for p in fold.params] == [
+        ("layers.1.adaln_modulation.weight", 0, 0.0), ("layers.1.adaln_modulation.bias", 0, 1.0)]
+    s = torch.exp(torch.randn(128))
+    for p in fold.params:
+        set_parameter(gm, p.target, apply_param_fold(gm.get_parameter(p.target), p, s))
+    for n in qkv:
+        w = str(n.args[1].target)
+        set_parameter(gm, w, gm.get_parameter(w) * s)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(**ex).sample, ideogram(**ex).sample, rtol=1e-4, atol=1e-5)
+    assert FoldFinder(gm, frozen=set()).find(x, qkv, 128).kind == "norm"  # the default choice
+

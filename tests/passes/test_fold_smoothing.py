@@ -128,11 +128,12 @@ class SwiGLU(torch.nn.Module):
 
 def _inputs(module, seed=0, batch=2, tokens=6):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, tokens, D, generator=g)
+    dt = next(module.parameters()).dtype
+    x = torch.randn(batch, tokens, D, generator=g).to(dt)
     if isinstance(module, (AdaLNFinal,)):
-        return (x, torch.randn(batch, 1, 8, generator=g))
+        return (x, torch.randn(batch, 1, 8, generator=g).to(dt))
     if isinstance(module, AdaLNChunk):
-        return (x, torch.randn(batch, 8, generator=g))
+        return (x, torch.randn(batch, 8, generator=g).to(dt))
     return (x,)
 
 
@@ -388,3 +389,28 @@ def test_non_finite_statistics_raise():
     meta.update(n, stats=meta.ActStats(1.0, 1.0, 3.0, 1, channel_max_abs=torch.full((D,), float("nan"))))
     with pytest.raises(fxquant.CalibrationError, match="fc1: activation channel max-abs has non-finite"):
         FoldSmoothing()(gm)
+
+
+def test_overlapping_regions_of_one_parameter():
+    from fxquant.smoothing import ParamFold, overlapping
+
+    scale, shift = ParamFold("mod.weight", (0,), 32), ParamFold("mod.weight", (0,), 0)
+    assert not overlapping([scale, shift], 32)  # disjoint rows of one modulation linear
+    assert overlapping([scale, ParamFold("mod.weight", (0,), 40)], 32)
+    assert overlapping([ParamFold("norm.weight", (0,))], 32, others=[ParamFold("norm.weight", (0,))])
+    assert not overlapping([ParamFold("a.weight", (0,))], 32, others=[ParamFold("b.weight", (0,))])
+
+
+def test_bfloat16_model_folds_within_bf16_tolerance():
+    module, gm, _ = prepared(NormQKV().to(torch.bfloat16))
+    FoldSmoothing(alpha=0.5)(gm)
+    assert gm.state_dict()["norm.weight"].dtype == torch.bfloat16
+    x = _inputs(module, seed=2)
+    with torch.no_grad():
+        ref = module(*x)
+        assert float((gm(*x).float() - ref.float()).norm() / ref.float().norm()) < 2e-2
+    _, gm, _ = prepared(TwoLinears().to(torch.bfloat16))
+    FoldSmoothing(alpha=0.5)(gm)
+    assert gm.state_dict()["fc2.smooth"].dtype == torch.bfloat16  # the fused multiply keeps the graph's dtype
+    LowerW8A8()(gm)
+    assert count(gm, MUL) == 0
