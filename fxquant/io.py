@@ -395,8 +395,8 @@ def _build(path: str, name: str, br: dict[str, Any], tensors: dict[str, torch.Te
         raise FormatError(f"{path}: tensor '{name}/program': torch {torch.__version__} cannot deserialize the program "
                           f"(saved with torch {saved_with}): {type(e).__name__}: {first}") from e
     found = {r.name: r.to_json() for _, r in meta.records(gm)}
-    for layer, rec in br["layers"].items():
-        if found.get(layer) != rec:
+    for layer in sorted(found.keys() | br["layers"].keys()):
+        if found.get(layer) != br["layers"].get(layer):
             raise FormatError(f"{path}: metadata of layer {layer!r} (branch {name!r}) disagrees with the saved graph")
     meta.set_graph_record(gm, meta.GraphRecord.from_json(br["graph"]))
     return gm

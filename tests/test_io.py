@@ -210,6 +210,9 @@ def test_metadata_that_disagrees_with_the_graph_is_caught(saved, tmp_path):
         m["branches"]["uncond"]["layers"]["layers.0.attention.to_v"]["lowering"]["scheme"] = "float"
 
     _bad(_rewrite(saved, tmp_path / "graph.safetensors", edit), "layers.0.attention.to_v", "uncond")
+    # a layer dropped from the metadata is caught too
+    dropped = _rewrite(saved, tmp_path / "dropped.safetensors", lambda m: m["branches"]["cond"]["layers"].pop("adaln_proj"))
+    _bad(dropped, "adaln_proj", "cond")
 
 
 def test_missing_tensor(saved, tmp_path):
