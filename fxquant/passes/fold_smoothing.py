@@ -113,7 +113,6 @@ class FoldSmoothing(FxquantPass):
         modified = False
         for x, members in groups.items():
             quant = [m for m in members if recs[m].selection.kind == "quantize"]
-            names = tuple(recs[m].name for m in members)
             fold = None
             if quant and not any(recs[m].selection.kind == "skipped" for m in members):
                 fold = finder.find(x, members, recs[quant[0]].in_features)
