@@ -85,6 +85,19 @@ def test_activation_quantization_matches_torchao_primitives():
     assert int(q[5].abs().max()) == 0
 
 
+def test_extremes_quantize_to_plus_minus_127_without_a_clamp():
+    x = outlier_acts(32, 64, seed=4)
+    x[:, 7] = x.abs().amax(1) * torch.where(torch.arange(32) % 2 == 0, 1.0, -1.0)  # the row max, both signs
+    x[3] = 1e-30  # below the scale floor
+    x[4, 0] = 3e38  # near float32 max
+    q, s = quantize_act_per_token(x)
+    assert int(q.max()) == 127 and int(q.min()) == -127
+    rows = [r for r in range(32) if r not in (3, 4)]
+    assert torch.equal(q[rows, 7].abs(), torch.full((30,), 127, dtype=torch.int8))
+    assert int(q[4, 0]) == 127
+    assert int(q[3].abs().max()) == 0 and torch.isfinite(s).all()
+
+
 def test_matmul_and_rescale_match_torchao_int_scaled_matmul():
     from torchao.kernel.intmm import int_scaled_matmul
 
