@@ -263,3 +263,18 @@ def test_header_offsets_that_do_not_add_up(saved, tmp_path):
     raw += b" " * (-len(raw) % 8)
     (tmp_path / "offsets.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
     _bad(tmp_path / "offsets.safetensors", Q_KEY)
+
+
+def test_positional_inputs_and_plain_tensor_output(tmp_path):
+    """Not only diffusers: a module called positionally that returns a bare tensor."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32)).eval()
+    gm = fxquant.compile(mlp, "w8a8-naive", calibration=[(torch.randn(2, 5, 32),)])
+    fxquant.save(gm, tmp_path / "mlp.safetensors")
+    loaded = fxquant.load(tmp_path / "mlp.safetensors")
+    assert loaded.meta["fxquant"].example_inputs == {"tuple": [{"tensor": {"shape": [2, 5, 32], "dtype": "float32"}}]}
+    x = torch.randn(3, 7, 32)
+    with torch.no_grad():
+        out = loaded(x)
+        assert isinstance(out, torch.Tensor)
+        torch.testing.assert_close(out, gm(x), rtol=0, atol=0)
