@@ -414,3 +414,14 @@ def test_bfloat16_model_folds_within_bf16_tolerance():
     assert gm.state_dict()["fc2.smooth"].dtype == torch.bfloat16  # the fused multiply keeps the graph's dtype
     LowerW8A8()(gm)
     assert count(gm, MUL) == 0
+
+
+def test_pipeline_passes_the_recipe_alpha_and_calibration():
+    from fxquant import pipeline
+
+    calib = [_inputs(TwoLinears())]
+    recipe = fxquant.Recipe.preset("int8-w8a8").replace(alpha=0.6, alpha_search=(0.3, 0.6))
+    fold = [p for p in pipeline.build(recipe, calib) if isinstance(p, FoldSmoothing)]
+    assert len(fold) == 1 and fold[0].options.alpha == 0.6 and fold[0].options.alpha_search == (0.3, 0.6)
+    assert fold[0].calibration is calib
+    assert not any(isinstance(p, FoldSmoothing) for p in pipeline.build(recipe.replace(smoothquant=False), calib))
