@@ -220,12 +220,19 @@ def cmd_report(args: argparse.Namespace, progress: Progress) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--traceback", action="store_true", help="print the Python traceback on errors")
-    common.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
-    common.add_argument("-v", "--verbose", action="store_true", help="show warnings from torch, torchao and diffusers")
+    def flags(default: Any) -> argparse.ArgumentParser:
+        f = argparse.ArgumentParser(add_help=False)
+        f.add_argument("--traceback", action="store_true", default=default, help="print the Python traceback on errors")
+        f.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress messages on stderr")
+        f.add_argument("-v", "--verbose", action="store_true", default=default,
+                       help="show warnings from torch, torchao and diffusers")
+        return f
+
+    # The flags work before and after the command; a subcommand's default must not reset a flag
+    # given before it, hence SUPPRESS there.
+    common = flags(argparse.SUPPRESS)
     p = argparse.ArgumentParser(prog="fxquant", description="Post-training quantization compiler for diffusion transformers.",
-                                parents=[common])
+                                parents=[flags(False)])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("compile", parents=[common], help="quantize a model and save the artifact",

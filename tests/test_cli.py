@@ -137,6 +137,8 @@ def test_errors_are_one_line_without_traceback(argv, fragment):
 def test_traceback_on_request(monkeypatch):
     rc, out, err = run("inspect", "missing.safetensors", "--traceback")
     assert rc == 1 and "Traceback (most recent call last)" in err and "FormatError" in err
+    rc, out, err = run("--traceback", "inspect", "missing.safetensors")  # before the command works too
+    assert rc == 1 and "Traceback (most recent call last)" in err
     monkeypatch.setenv("FXQUANT_TRACEBACK", "1")
     rc, out, err = run("inspect", "missing.safetensors")
     assert rc == 1 and "Traceback (most recent call last)" in err
