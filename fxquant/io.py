@@ -25,7 +25,7 @@ import json
 import os
 import re
 import struct
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Union
 
 import torch
 import torch.fx as fx
