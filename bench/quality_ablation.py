@@ -2,6 +2,7 @@
 Ideogram 4 with planted activation outliers (the SmoothQuant + mixed-precision ablation of the paper).
 
     .venv/bin/python bench/quality_ablation.py                    # 3 model seeds, 4 layers, massive 1e5 and 1e3
+    .venv/bin/python bench/quality_ablation.py --per-group        # + where SmoothQuant's remaining error comes from
     .venv/bin/python bench/quality_ablation.py --seeds 1 --massive 1e5 --out /tmp/q.json
 
 Outliers: seeded random weights give activations without the few huge, token-consistent channels
@@ -113,6 +114,29 @@ def ablation(seed: int = 1, layers: int = 4, channels: int = 4, factor: float = 
     return {"seed": seed, "layers": layers, "errors": errors, "smoothing_targets": smoothing, "protected": protected}
 
 
+GROUPS = ("input_proj", "llm_cond_proj", "t_embedding.*", "adaln_proj", "layers.*.adaln_modulation",
+          "layers.*.attention.to_[qkv]", "layers.*.attention.to_out.0", "layers.*.feed_forward.w[13]",
+          "layers.*.feed_forward.w2", "final_layer.*")
+
+
+def per_group(seed: int = 1, layers: int = 4, channels: int = 4, factor: float = 20.0, massive: float = 1e5) -> dict[str, float]:
+    """Where the SmoothQuant-only error comes from: each group of linears quantized alone, the rest skipped."""
+    model = plant_outliers(reduced_ideogram4(seed=seed, num_layers=layers), channels, factor, massive, seed)
+    calibration, held = ideogram4_trajectory(steps=CALIB_TIMESTEPS, seed=seed), held_out_inputs(seed)
+    with torch.no_grad():
+        refs = [model(**ex).sample for ex in held]
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    out = {}
+    for pattern in GROUPS:
+        rule = fxquant.LayerRule(pattern)
+        skip = tuple(n for n in names if not rule.matches(n))
+        gm = fxquant.compile(model, VARIANTS["SmoothQuant"].replace(name="one-group", skip=skip), calibration=calibration)
+        with torch.no_grad():
+            errs = [image_error(gm(**ex).sample, ref, ex["indicator"]) for ex, ref in zip(held, refs)]
+        out[pattern] = sum(errs) / len(errs)
+    return out
+
+
 def ordered(errors: dict[str, float]) -> bool:
     """The paper's ablation order: naive worst, each technique alone better, both together best."""
     naive, sq, prot, both = (errors[k] for k in VARIANTS)
@@ -143,6 +167,8 @@ def main() -> None:
     ap.add_argument("--factor", type=float, default=20.0, help="outlier channel gain")
     ap.add_argument("--massive", type=float, nargs="+", default=[1e5, 1e3],
                     help="gain(s) of one w2 input channel (its weight column divided by the gain) in every other block")
+    ap.add_argument("--per-group", action="store_true",
+                    help="also: SmoothQuant error with one group of linears quantized at a time (first seed, each gain)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality.json")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -154,11 +180,19 @@ def main() -> None:
         mean = table(runs, title)
         configs.append({"massive": m, "runs": runs, "mean": mean,
                         "ordering_holds": all(ordered(r["errors"]) for r in runs)})
+        if args.per_group:
+            groups = per_group(args.seeds[0], args.layers, args.channels, args.factor, m)
+            print(f"SmoothQuant, one group quantized at a time (seed {args.seeds[0]}, massive x{m:g}):")
+            for k, v in groups.items():
+                print(f"  {k:32} {v:.5f}")
+            print()
+            configs[-1]["per_group_smoothquant"] = groups
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "command": "bench/quality_ablation.py " + " ".join(
             [f"--seeds {' '.join(map(str, args.seeds))}", f"--layers {args.layers}", f"--channels {args.channels}",
-             f"--factor {args.factor:g}", f"--massive {' '.join(f'{m:g}' for m in args.massive)}"]),
+             f"--factor {args.factor:g}", f"--massive {' '.join(f'{m:g}' for m in args.massive)}"]
+            + (["--per-group"] if args.per_group else [])),
         "metric": "relative L2 error of the velocity on image tokens vs the float model, mean over held-out inputs",
         "held_out_timesteps": list(HELD_OUT_TIMESTEPS), "calibration_timesteps": CALIB_TIMESTEPS,
         "recipes": {k: r.to_dict() for k, r in VARIANTS.items()},
