@@ -129,7 +129,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def _markdown(section: str, g: Optional[meta.GraphRecord], rows: list[dict[str, Any]], png: str) -> list[str]:
+def _markdown(section: str, g: Optional[meta.GraphRecord], rows: list[dict[str, Any]], png: Optional[str]) -> list[str]:
     lines = [f"## {section}", ""]
     if g is not None:
         lines.append(f"- recipe: `{g.recipe.get('name', '?')}`; calibration inputs: {g.num_calibration}; "
@@ -137,7 +137,8 @@ def _markdown(section: str, g: Optional[meta.GraphRecord], rows: list[dict[str, 
         rho = "-" if g.spearman_rho is None else f"{g.spearman_rho:.3f}"
         lines.append(f"- ranking stability, Spearman rho of early vs late half of the trajectory: {rho}")
     kept = [r for r in rows if r.get("selection", {}).get("kind", "quantize") != "quantize"]
-    lines += [f"- kept in float: {len(kept)} of {len(rows)} linears", "", f"![fragility]({png})", "",
+    lines += [f"- kept in float: {len(kept)} of {len(rows)} linears", "",
+              f"![fragility]({png})" if png else "No fragility scores: the recipe does not rank layers (protect_top_k = 0).", "",
               "| rank | linear | score | mean kurtosis | max abs | early/late rank | scheme | why | fed by |",
               "|---:|---|---:|---:|---:|---|---|---|---|"]
 
@@ -212,9 +213,11 @@ def report(gm: GraphLike, path: Union[str, "os.PathLike[str]"],
                                if name else "report: this module has no fxquant records; was it produced by fxquant.compile?")
         suffix = f"_{name}" if name else ""
         rows, grec = _rows(g), meta.graph_record(g)
-        png = f"fragility{suffix}.png"
-        _plot_fragility(rows, f"fragility per linear{' (' + name + ')' if name else ''}", os.path.join(path, png))
-        written[f"fragility_png{suffix}"] = os.path.join(path, png)
+        png: Optional[str] = None
+        if any("fragility" in r for r in rows):  # a recipe without calibration has nothing to plot
+            png = f"fragility{suffix}.png"
+            _plot_fragility(rows, f"fragility per linear{' (' + name + ')' if name else ''}", os.path.join(path, png))
+            written[f"fragility_png{suffix}"] = os.path.join(path, png)
         md += _markdown(f"Branch `{name}`" if name else "Linears by fragility", grec, rows, png)
         doc["branches"][name] = {"graph": grec.to_json() if grec is not None else None, "linears": rows}
         if name in ladders:

@@ -140,3 +140,12 @@ def test_report_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     with pytest.raises(fxquant.FxquantError, match="need matplotlib"):
         report(gm, tmp_path)
+
+
+def test_report_without_fragility_scores(tmp_path):
+    # A recipe that does not rank layers (w8a8-naive) still gets JSON and Markdown, with no fragility plot.
+    gm = fxquant.compile(reduced_ideogram4(num_layers=1), "w8a8-naive", calibration=[ideogram4_inputs()])
+    out = report(gm, str(tmp_path))
+    assert "fragility_png" not in out
+    assert "No fragility scores" in open(out["markdown"]).read()
+    assert len(json.load(open(out["json"]))["branches"][""]["linears"]) == 15
