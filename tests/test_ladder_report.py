@@ -137,6 +137,8 @@ def test_report_errors(tmp_path, monkeypatch):
     with pytest.raises(fxquant.FxquantError, match="no fxquant records"):
         report(gm, tmp_path)
     _, gm = traced()
+    for rank, (node, _) in enumerate(fxquant.meta.records(gm), 1):  # something to plot
+        fxquant.meta.update(node, fragility=fxquant.meta.Fragility(score=1.0 / rank, rank=rank))
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     with pytest.raises(fxquant.FxquantError, match="need matplotlib"):
         report(gm, tmp_path)
