@@ -14,6 +14,9 @@ None of the first three adds a node; the float graph computes the same function.
 vector is private to its linear (computed from its own weights) and ``lower_w8a8`` moves the
 multiply into the W8A8 op's activation quantization.
 
+Order: groups are smoothed downstream first, so each vector is computed on its group's final
+weights (a fold only writes upstream of the group it serves).
+
 Group policy: only ``quantize`` linears decide s (their weights and statistics). A protected
 member of a folded group gets the compensating columns too (exact, it stays float); a group
 with a skipped member is never folded (skipped means untouched), its quantized members fall
@@ -111,7 +114,11 @@ class FoldSmoothing(FxquantPass):
         samples = self._capture(gm, wanted) if self.options.alpha_search else {}
         claimed: list[ParamFold] = []  # what earlier groups folded into: a later group must not refold it
         modified = False
-        for x, members in groups.items():
+        # Downstream groups first: a fold writes only into parameters upstream of its group's input
+        # (w2's vector into w3's rows, to_out's into to_v's), so every group's max|W_j| and alpha
+        # search see the weights as they will finally be, not before a later fold rescales them.
+        position = {n: i for i, n in enumerate(gm.graph.nodes)}
+        for x, members in sorted(groups.items(), key=lambda g: position[g[0]], reverse=True):
             quant = [m for m in members if recs[m].selection.kind == "quantize"]
             fold = None
             if quant and not any(recs[m].selection.kind == "skipped" for m in members):

@@ -358,6 +358,63 @@ def test_alpha_search_beats_the_worst_fixed_alpha():
     assert errs[None] <= min(errs[0.0], errs[1.0]) * 1.05
 
 
+class NormSwiGLU(torch.nn.Module):
+    """RMSNorm -> {w1, w3} -> w2, with one massive w2 input channel: w3's row j times 1e3 and
+    w2's column j divided by as much (the float function is unchanged)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = RMSNorm(D, eps=1e-6, elementwise_affine=True)
+        self.w1, self.w3 = torch.nn.Linear(D, 48, bias=False), torch.nn.Linear(D, 48, bias=False)
+        self.w2 = torch.nn.Linear(48, D, bias=False)
+        with torch.no_grad():
+            self.norm.weight.copy_(_outliers(D, 7))
+            self.w3.weight[5] *= 1e3
+            self.w2.weight[:, 5] /= 1e3
+
+    def forward(self, x):
+        n = self.norm(x)
+        return self.w2(F.silu(self.w1(n)) * self.w3(n))
+
+
+def _w8a8_error(x, weights, s):
+    """Relative error of the group's outputs with x / s and W * s quantized as the W8A8 op does."""
+    from fxquant.ops.w8a8 import quantize_act_per_token, quantize_weight_per_channel
+
+    xq, xs = quantize_act_per_token(x / s)
+    num = den = 0.0
+    for w in weights:
+        wq, ws = quantize_weight_per_channel(w * s)
+        ref = x @ w.T
+        num += float(((xq.float() @ wq.float().T) * xs * ws - ref).pow(2).sum())
+        den += float(ref.pow(2).sum())
+    return (num / den) ** 0.5
+
+
+def test_downstream_groups_first_so_each_vector_sees_the_final_weights():
+    """w2's vector divides w3's massive row; w1/w3's vector must be computed after that, from the
+    weights they will run with. Computed before (graph order), max|W3_j| is the massive row's."""
+    module, gm, calib = prepared(NormSwiGLU())
+    FoldSmoothing(alpha=0.5)(gm)
+    assert smoothing(gm)["w2"] == ("linear", "w3") and smoothing(gm)["w1"] == ("norm", "norm")
+    sd = gm.state_dict()
+    s13 = module.norm.weight / sd["norm.weight"]
+    s2 = sd["w2.weight"][0] / module.w2.weight[0]
+    w3_after_w2 = module.w3.weight / s2[:, None]  # what w2's fold leaves in w3, before w1/w3's columns
+    x_max = measured_stats(module, calib)["w1"]
+    final = torchao_s([module.w1.weight, w3_after_w2], x_max, 0.5)
+    stale = torchao_s([module.w1.weight, module.w3.weight], x_max, 0.5)
+    torch.testing.assert_close(s13, final, rtol=1e-4, atol=0)
+    assert float((stale / final).max()) < 0.5  # the stale vector would migrate far less
+    torch.testing.assert_close(sd["w3.weight"], w3_after_w2 * s13, rtol=1e-4, atol=1e-6)
+    x = torch.cat([module.norm(ex[0]).reshape(-1, D) for ex in calib]).detach()
+    group = [module.w1.weight.detach(), w3_after_w2.detach()]
+    assert _w8a8_error(x, group, final) < 0.8 * _w8a8_error(x, group, stale)
+    with torch.no_grad():
+        ex = _inputs(module, seed=11)
+        torch.testing.assert_close(gm(*ex), module(*ex), rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------- preconditions
 
 
