@@ -110,8 +110,8 @@ def export_program(gm: fx.GraphModule, example: Any = None) -> torch.export.Expo
     # Keyword order must follow the signature: a reloaded module re-exports wrongly otherwise.
     order = list(inspect.signature(gm.forward).parameters)
     kwargs = dict(sorted(kwargs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
-    if trace._batch_of(args, kwargs) == 1:  # a batch of 1 would be specialised, as in `trace`
-        args, kwargs = trace._repeat_batch((args, kwargs))
+    if trace.batch_of(args, kwargs) == 1:  # a batch of 1 would be specialised, as in `trace`
+        args, kwargs = trace.repeat_batch((args, kwargs))
     try:
         with torch.no_grad():
             return torch.export.export(gm, args, kwargs, dynamic_shapes=trace._dynamic_shapes(gm, args, kwargs),

@@ -38,12 +38,14 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
     return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
 
-def _batch_of(args: tuple, kwargs: dict) -> int | None:
+def batch_of(args: tuple, kwargs: dict) -> int | None:
+    """The batch size shared by every tensor input (dim 0), or None if they disagree or there is none."""
     sizes = {t.shape[0] for t in _tensors((args, kwargs)) if t.ndim >= 1}
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def _repeat_batch(tree: Any) -> Any:
+def repeat_batch(tree: Any) -> Any:
+    """Every tensor (ndim >= 1) repeated twice along dim 0: export specialises a batch of 1."""
     return torch.utils._pytree.tree_map(
         lambda t: torch.cat([t, t], 0) if isinstance(t, torch.Tensor) and t.ndim >= 1 else t, tree
     )
@@ -83,8 +85,8 @@ def trace(model: torch.nn.Module, example: Any) -> fx.GraphModule:
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
     args, kwargs = as_args_kwargs(example)
-    if _batch_of(args, kwargs) == 1:
-        args, kwargs = _repeat_batch((args, kwargs))
+    if batch_of(args, kwargs) == 1:
+        args, kwargs = repeat_batch((args, kwargs))
     stack: list[str] = []
     names = {m: n for n, m in model.named_modules()}
 

@@ -3,7 +3,7 @@
 Linears reading the same tensor form a group (q/k/v, w1/w3) and share one vector
 s = max|X|^alpha / max|W|^(1-alpha) (per input channel, from ``stats.channel_max_abs``).
 Their weight columns are multiplied by s; 1/s goes to the first place that can take it
-(`fxquant.smoothing.FoldFinder` walks back through channel-preserving ops):
+(`fxquant.fold_targets.FoldFinder` walks back through channel-preserving ops):
 
     norm:    linear(rms_norm(h) * w_norm * (1+scale), W)   ->  linear(rms_norm(h) * (w_norm/s) * (1+scale), W*s)
     adaln:   linear(layer_norm(h) * (1 + mod(c)), W)       ->  mod rows W_m/s, bias (b_m + 1)/s - 1;  W*s
@@ -35,9 +35,9 @@ import torch.fx as fx
 
 from .. import graph, meta
 from ..errors import CalibrationError, PassError, RecipeError
-from ..ops.w8a8 import quantize_act_per_token, quantize_weight_per_channel
-from ..smoothing import Fold, FoldFinder, ParamFold, apply_param_fold, overlapping, smoothing_vector
-from ..trace import _batch_of, _repeat_batch, as_args_kwargs
+from ..fold_targets import FoldFinder
+from ..smoothing import Fold, ParamFold, apply_param_fold, overlapping, search_alpha, smoothing_vector
+from ..trace import as_args_kwargs, batch_of, repeat_batch
 from .base import FxquantPass, PassResult, require_records
 from .lower_w8a8 import SMOOTH_SUFFIX
 
@@ -185,21 +185,7 @@ class FoldSmoothing(FxquantPass):
         """The fixed alpha, or the candidate minimising the simulated W8A8 error of the group."""
         if not self.options.alpha_search or sample is None:
             return self.options.alpha
-        x = sample.float().to(act.device)
-        refs = [x @ w.float().T for w in weights]
-        denom = sum(float(r.pow(2).sum()) for r in refs) or 1.0
-        best, best_err = self.options.alpha_search[0], float("inf")
-        for a in self.options.alpha_search:
-            s = smoothing_vector(act, torch.stack([w.abs().amax(0) for w in weights]).amax(0), a, where)
-            xq, xs = quantize_act_per_token(x / s)
-            err = 0.0
-            for w, ref in zip(weights, refs):
-                wq, wsc = quantize_weight_per_channel(w.float() * s)
-                y = (xq.float() @ wq.float().T) * xs * wsc
-                err += float((y - ref).pow(2).sum())
-            if err / denom < best_err:
-                best, best_err = a, err / denom
-        return best
+        return search_alpha(act, weights, sample, self.options.alpha_search, where)
 
     def _capture(self, gm: fx.GraphModule, wanted: list[fx.Node]) -> dict[fx.Node, torch.Tensor]:
         """Up to ``search_tokens`` evenly spaced input rows of each group, over the calibration set."""
@@ -210,8 +196,8 @@ class FoldSmoothing(FxquantPass):
         device = next((p.device for p in gm.parameters()), torch.device("cpu"))
         for i, ex in enumerate(examples):
             args, kwargs = as_args_kwargs(ex, f"calibration[{i}]")
-            if _batch_of(args, kwargs) == 1:  # as trace does: export specialises a batch of 1
-                args, kwargs = _repeat_batch((args, kwargs))
+            if batch_of(args, kwargs) == 1:  # as trace does: export specialises a batch of 1
+                args, kwargs = repeat_batch((args, kwargs))
             args, kwargs = torch.utils._pytree.tree_map(
                 lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, (args, kwargs))
             try:
