@@ -6,7 +6,14 @@
 Dynamic dimensions: dims 0 (batch) and 1 (sequence) of every tensor input are exported as
 ``Dim.AUTO``: dynamic unless the model pins them (a feature dim that happens to be dim 1 of a
 2-D input is pinned by the weights it meets).
-A batch of 1 would be specialised by export, so a batch-1 example is traced repeated to 2.
+A batch of 1 would be specialised by export, so a batch-1 example is traced with every input
+whose dim 0 is 1 repeated to 2 (inputs without a batch dim, such as Flux's ``img_ids``, keep
+their shape); if the model then pins one of those dims, tracing fails with a `TraceError` rather
+than returning a module locked to batch 2.
+
+The caller's model is left as it was: parameters are shared with the GraphModule but never
+written (passes rebind new tensors), ``requires_grad`` and every submodule's training flag are
+untouched.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
+import torch.fx._pytree as fx_pytree
 from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .errors import CalibrationError, TraceError
 
@@ -39,15 +48,17 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
 
 
 def batch_of(args: tuple, kwargs: dict) -> int | None:
-    """The batch size shared by every tensor input (dim 0), or None if they disagree or there is none."""
-    sizes = {t.shape[0] for t in _tensors((args, kwargs)) if t.ndim >= 1}
-    return sizes.pop() if len(sizes) == 1 else None
+    """The batch size: dim 0 of the first tensor input with >= 2 dims (else >= 1 dim), or None."""
+    tensors = _tensors((args, kwargs))
+    for t in [t for t in tensors if t.ndim >= 2] + [t for t in tensors if t.ndim == 1]:
+        return int(t.shape[0])
+    return None
 
 
 def repeat_batch(tree: Any) -> Any:
-    """Every tensor (ndim >= 1) repeated twice along dim 0: export specialises a batch of 1."""
+    """Every tensor whose dim 0 is 1 repeated to 2 along dim 0: export specialises a batch of 1."""
     return torch.utils._pytree.tree_map(
-        lambda t: torch.cat([t, t], 0) if isinstance(t, torch.Tensor) and t.ndim >= 1 else t, tree
+        lambda t: torch.cat([t, t], 0) if isinstance(t, torch.Tensor) and t.ndim >= 1 and t.shape[0] == 1 else t, tree
     )
 
 
@@ -85,38 +96,58 @@ def trace(model: torch.nn.Module, example: Any) -> fx.GraphModule:
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
     args, kwargs = as_args_kwargs(example)
+    orig = (args, kwargs)
     if batch_of(args, kwargs) == 1:
         args, kwargs = repeat_batch((args, kwargs))
     stack: list[str] = []
-    names = {m: n for n, m in model.named_modules()}
+    flags = {m: m.training for m in model.modules()}
 
-    def pre(mod: torch.nn.Module, _a: Any) -> None:
-        stack.append(names.get(mod, type(mod).__name__))
+    def enter(name: str) -> Any:
+        return lambda _m, _a: stack.append(name or f"<root {type(model).__name__}>")
 
-    def post(mod: torch.nn.Module, _a: Any, _o: Any) -> None:
+    def leave(_m: torch.nn.Module, _a: Any, _o: Any) -> None:
         if stack:
             stack.pop()
 
-    handles = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
-               torch.nn.modules.module.register_module_forward_hook(post)]
-    was_training = model.training
+    # Per-module hooks (not the process-wide ones) tell which module was being traced on failure.
+    handles = [h for name, m in model.named_modules()
+               for h in (m.register_forward_pre_hook(enter(name)), m.register_forward_hook(leave))]
     try:
         model.eval()
         with torch.no_grad():
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_shapes(model, args, kwargs), strict=False)
     except Exception as e:  # noqa: BLE001 - re-raised with the module that failed
-        where = stack[-1] if stack else "<root>"
-        where = where or f"<root {type(model).__name__}>"
+        where = stack[-1] if stack else f"<root {type(model).__name__}>"
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TraceError(f"cannot trace {type(model).__name__}: failed in module {where!r}: {type(e).__name__}: {msg}") from e
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        for m, training in flags.items():
+            m.training = training
     gm = ep.module()
-    for p in gm.parameters():
-        p.requires_grad_(False)
+    _check_repeated_batch_dynamic(gm, orig, (args, kwargs))
+    for name, p in list(gm.named_parameters()):  # new Parameter objects: the caller's keep requires_grad
+        owner, _, leaf = name.rpartition(".")
+        mod = gm.get_submodule(owner) if owner else gm
+        mod._parameters[leaf] = torch.nn.Parameter(p.detach(), requires_grad=False)
     return gm
+
+
+def _check_repeated_batch_dynamic(gm: fx.GraphModule, orig: tuple, traced: tuple) -> None:
+    """A dim 0 we repeated from 1 to 2 must have stayed symbolic, or the module would need batch 2."""
+    spec = getattr(gm, "_in_spec", None)
+    if spec is None or orig is traced:
+        return
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    flat_o, flat_t = fx_pytree.tree_flatten_spec(orig, spec), fx_pytree.tree_flatten_spec(traced, spec)
+    for o, t, ph in zip(flat_o, flat_t, placeholders):
+        val = ph.meta.get("val")
+        if isinstance(o, torch.Tensor) and o is not t and isinstance(val, torch.Tensor) and is_concrete_int(val.shape[0]):
+            raise TraceError(
+                f"input {ph.target!r}: the model pins its dim 0 (batch), so a batch-1 example "
+                f"cannot be traced with a dynamic batch; give calibration[0] the batch size the model needs"
+            )
 
 
 def check_calibration(calibration: Any, where: str) -> list[Any]:

@@ -51,3 +51,48 @@ def test_trace_does_not_change_training_mode():
     m = Block().train()
     trace(m, (torch.randn(2, 3, 8),))
     assert m.training
+
+
+def test_caller_keeps_requires_grad_and_per_module_training_flags():
+    m = torch.nn.Sequential(Block(), Block()).train()
+    m[1].eval()
+    gm = trace(m, (torch.randn(2, 3, 8),))
+    assert all(p.requires_grad for p in m.parameters())
+    assert not any(p.requires_grad for p in gm.parameters())
+    assert [x.training for x in m.modules()] == [True, True, True, False, False]
+    assert gm.get_parameter("0.proj.weight").data_ptr() == m[0].proj.weight.data_ptr()  # shared, not copied
+
+
+class WithIds(torch.nn.Module):
+    """Like Flux: ``ids`` has no batch dim (its dim 0 is the sequence)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+        self.pos = torch.nn.Linear(3, 8)
+
+    def forward(self, x, ids):
+        return self.proj(x) + self.pos(ids)
+
+
+def test_batch_one_example_with_unbatched_inputs_stays_dynamic():
+    m = WithIds().eval()
+    gm = trace(m, (torch.randn(1, 5, 8), torch.randn(5, 3)))
+    for b, l in [(1, 5), (3, 7)]:
+        x, ids = torch.randn(b, l, 8), torch.randn(l, 3)
+        torch.testing.assert_close(gm(x, ids), m(x, ids), rtol=0, atol=0)
+
+
+class PinsBatch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+        self.register_buffer("per_sample", torch.randn(2, 1, 8))
+
+    def forward(self, x):
+        return self.proj(x) + self.per_sample  # broadcasting pins the batch to 2
+
+
+def test_model_that_pins_the_repeated_batch_is_an_error():
+    with pytest.raises(fxquant.TraceError, match=r"input 'x': the model pins its dim 0 \(batch\)"):
+        trace(PinsBatch().eval(), (torch.randn(1, 4, 8),))
