@@ -116,9 +116,10 @@ class SummaryRow:
 class Summary:
     """A table of every linear of a lowered module; ``.rows`` holds the same data."""
 
-    def __init__(self, rows: list[SummaryRow], header: str) -> None:
+    def __init__(self, rows: list[SummaryRow], header: str, notes: Sequence[str] = ()) -> None:
         self.rows = rows
         self.header = header
+        self.notes = list(notes)  # facts about linears that have no row (e.g. computed weights)
 
     def __iter__(self):
         return iter(self.rows)
@@ -152,6 +153,7 @@ class Summary:
         total_bytes = sum(r.weight_bytes or 0 for r in self.rows)
         counts = ", ".join(f"{v} {k}" for k, v in sorted(self.counts().items()))
         lines.append(f"{len(self.rows)} linears: {counts}; linear weights {total_bytes / 2**20:.2f} MiB")
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -165,8 +167,12 @@ def summary(gm: Union[fx.GraphModule, Mapping[str, fx.GraphModule]]) -> Summary:
         FxquantError: if ``gm`` was not produced by `fxquant.compile` (no records).
     """
     if isinstance(gm, Mapping):
-        rows = [dataclasses.replace(r, branch=name) for name, g in gm.items() for r in summary(g).rows]
-        return Summary(rows, f"fxquant summary: {len(gm)} branches ({', '.join(gm)})")
+        parts = {name: summary(g) for name, g in gm.items()}
+        rows = [dataclasses.replace(r, branch=name) for name, p in parts.items() for r in p.rows]
+        notes = [f"{name}: {n}" for name, p in parts.items() for n in p.notes]
+        return Summary(rows, f"fxquant summary: {len(gm)} branches ({', '.join(gm)})", notes)
+    if not isinstance(gm, fx.GraphModule):
+        raise FxquantError(f"summary: expected a GraphModule from fxquant.compile or fxquant.load, got {type(gm).__name__}")
     recs = meta.records(gm)
     if not recs:
         raise FxquantError("summary: this module has no fxquant records; was it produced by fxquant.compile?")
@@ -194,4 +200,6 @@ def summary(gm: Union[fx.GraphModule, Mapping[str, fx.GraphModule]]) -> Summary:
             header += f", branch {g.branch!r}"
         if g.spearman_rho is not None:
             header += f", fragility rank stability (Spearman rho early vs late) {g.spearman_rho:.3f}"
-    return Summary(rows, header)
+    computed = dict(g.extra).get("computed_weight_linears") if g is not None else None
+    notes = [f"{len(computed)} linear op(s) with computed weights left in float: {', '.join(computed)}"] if computed else []
+    return Summary(rows, header, notes)

@@ -23,16 +23,30 @@ def linear_nodes(gm: fx.GraphModule) -> Iterator[fx.Node]:
             yield n
 
 
-def module_name(node: fx.Node) -> str:
-    """The qualified module name of a linear node, from its weight's ``get_attr`` target.
+def module_name(node: fx.Node) -> str | None:
+    """The qualified name of the ``nn.Linear`` a linear node came from, or None if its weight is
+    computed in the graph (not a parameter).
 
-    Node names change between traces; parameter targets are the original state-dict keys.
+    Node names change between traces; the module path in ``nn_module_stack`` does not. A tied
+    weight is read through the first owner's ``get_attr``, so the stack, not the weight's target,
+    names the module.
     """
     w = node.args[1]
     if not (isinstance(w, fx.Node) and w.op == "get_attr"):
-        raise PassError(f"linear node {node.name}: weight is not a parameter (get_attr), got {w!r}")
+        return None
     target = str(w.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path, cls = list(stack.values())[-1]
+        cls_name = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
+        if path and (target == f"{path}.weight" or cls_name.endswith("Linear")):
+            return path
     return target[: -len(".weight")] if target.endswith(".weight") else target
+
+
+def weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The weight tensor a linear node reads (the node must have a record: its weight is a parameter)."""
+    return get_attr(gm, str(node.args[1].target))
 
 
 def get_attr(gm: torch.nn.Module, target: str) -> Any:

@@ -227,7 +227,7 @@ class _Capture(fx.Interpreter):
 
 
 def _weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
-    return graph.get_attr(gm, str(node.args[1].target))
+    return graph.weight(gm, node)
 
 
 def _scale_columns(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor) -> None:

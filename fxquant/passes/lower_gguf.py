@@ -82,7 +82,7 @@ class LowerGGUF(FxquantPass):
         for node, rec in meta.records(gm):
             if not graph.is_linear(node):  # already lowered (a pass run twice): nothing to do
                 continue
-            w = graph.get_attr(gm, str(node.args[1].target))
+            w = graph.weight(gm, node)
             if not w.is_floating_point():
                 raise PassError(f"{self.name}: linear {rec.name!r} has a {w.dtype} weight, expected a float weight")
             if rec.selection.kind != "quantize":

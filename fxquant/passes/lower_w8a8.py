@@ -47,7 +47,7 @@ class LowerW8A8(FxquantPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
         for node, rec in meta.records(gm):
-            w = graph.get_attr(gm, str(node.args[1].target))
+            w = graph.weight(gm, node)
             if rec.selection.kind != "quantize":
                 meta.update(node, lowering=float_lowering(w))
                 continue

@@ -50,3 +50,42 @@ def test_shared_linear_is_rejected_by_name():
     gm = trace(Shared(), (torch.randn(2, 3, 8),))
     with pytest.raises(fxquant.PassError, match=r"'fc' is called more than once"):
         FindLinears()(gm)
+
+
+class Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8, bias=False)
+        self.b = torch.nn.Linear(8, 8, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_tied_weights_are_named_by_their_modules():
+    gm = trace(Tied().eval(), (torch.randn(2, 3, 8),))
+    FindLinears()(gm)
+    assert [r.name for _, r in meta.records(gm)] == ["a", "b"]
+
+
+class Computed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.w = torch.nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(self.fc(x), self.w * 2)
+
+
+def test_linear_with_computed_weight_is_left_alone_and_reported():
+    m = Computed().eval()
+    gm = fxquant.compile(m, "w8a8-naive", calibration=[(torch.randn(2, 3, 8),)])
+    s = fxquant.summary(gm)
+    assert [r.name for r in s.rows] == ["fc"]
+    assert "1 linear op(s) with computed weights left in float: <root>" in str(s)
+    assert count(gm, LINEAR) == 1  # the computed one, untouched
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        assert float((gm(x) - m(x)).norm() / m(x).norm()) < 0.02
