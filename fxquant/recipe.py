@@ -68,14 +68,15 @@ class LayerRule:
             return value
         if isinstance(value, str) and value:
             return LayerRule(value)
-        if isinstance(value, Mapping) and set(value) <= {"pattern", "required"} and isinstance(value.get("pattern"), str):
-            return LayerRule(value["pattern"], bool(value.get("required", True)))
+        if (isinstance(value, Mapping) and set(value) <= {"pattern", "required"} and isinstance(value.get("pattern"), str)
+                and value["pattern"] and isinstance(value.get("required", True), bool)):
+            return LayerRule(value["pattern"], value.get("required", True))
         raise RecipeError(f"recipe.{key}: expected a glob string or {{'pattern': str, 'required': bool}}, got {value!r}")
 
 
 def _rules(values: Iterable[Any], key: str) -> tuple[LayerRule, ...]:
-    if isinstance(values, (str, bytes)):
-        raise RecipeError(f"recipe.{key}: expected a list of patterns, got the string {values!r}")
+    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
+        raise RecipeError(f"recipe.{key}: expected a list of patterns, got {values!r}")
     return tuple(LayerRule.parse(v, key) for v in values)
 
 
@@ -137,7 +138,7 @@ class Recipe:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
             raise RecipeError(f"recipe.alpha: expected a number in [0, 1], got {self.alpha!r}")
         set_(self, "alpha", float(self.alpha))
-        if isinstance(self.alpha_search, (str, bytes)) or not all(
+        if not isinstance(self.alpha_search, (list, tuple)) or not all(
             isinstance(a, (int, float)) and not isinstance(a, bool) and 0.0 <= a <= 1.0 for a in self.alpha_search
         ):
             raise RecipeError(f"recipe.alpha_search: expected a list of numbers in [0, 1], got {self.alpha_search!r}")
@@ -201,7 +202,7 @@ class Recipe:
 
     @classmethod
     def preset(cls, name: str) -> "Recipe":
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise RecipeError(f"unknown recipe preset {name!r}; presets are {sorted(PRESETS)}")
         return PRESETS[name]
 
@@ -233,11 +234,13 @@ def resolve(recipe: "Recipe | str | os.PathLike[str]") -> Recipe:
     if isinstance(recipe, str) and recipe in PRESETS:
         return PRESETS[recipe]
     if isinstance(recipe, (str, os.PathLike)) and os.path.isfile(recipe):
-        with open(recipe, encoding="utf-8") as f:
-            try:
+        try:
+            with open(recipe, encoding="utf-8") as f:
                 return Recipe.from_json(f.read())
-            except RecipeError as e:
-                raise RecipeError(f"{os.fspath(recipe)}: {e}") from None
+        except RecipeError as e:
+            raise RecipeError(f"{os.fspath(recipe)}: {e}") from None
+        except (UnicodeDecodeError, OSError) as e:
+            raise RecipeError(f"{os.fspath(recipe)}: cannot read the recipe file ({e})") from None
     if isinstance(recipe, str):
         raise RecipeError(f"recipe {recipe!r} is neither a preset ({sorted(PRESETS)}) nor an existing JSON file")
     raise RecipeError(f"recipe: expected a Recipe, a preset name or a JSON path, got {type(recipe).__name__}")

@@ -65,3 +65,24 @@ def test_resolve_json_file(tmp_path):
         resolve(bad)
     with pytest.raises(fxquant.RecipeError, match="neither a preset"):
         resolve("int9-w9a9")
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"alpha_search": 0.5}, "recipe.alpha_search"),
+    ({"protect": None}, "recipe.protect"),
+    ({"skip": 3}, "recipe.skip"),
+    ({"protect": [{"pattern": "a", "required": "no"}]}, "recipe.protect"),
+    ({"protect": [{"pattern": ""}]}, "recipe.protect"),
+])
+def test_bad_python_values_are_recipe_errors(kwargs, key):
+    with pytest.raises(fxquant.RecipeError, match=key.replace(".", r"\.")):
+        Recipe(**kwargs)
+
+
+def test_preset_and_file_errors(tmp_path):
+    with pytest.raises(fxquant.RecipeError, match="unknown recipe preset"):
+        Recipe.preset(["int8-w8a8"])  # type: ignore[arg-type]
+    p = tmp_path / "latin1.json"
+    p.write_bytes(b'{"name": "\xe9"}')
+    with pytest.raises(fxquant.RecipeError, match=r"latin1\.json: cannot read"):
+        resolve(p)

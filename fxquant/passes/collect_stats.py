@@ -35,7 +35,7 @@ import torch.utils._pytree as pytree
 
 from .. import meta
 from ..calibrate import timestep_of
-from ..errors import CalibrationError, PassError
+from ..errors import CalibrationError, FxquantError, PassError
 from ..trace import as_args_kwargs
 from .base import FxquantPass, PassResult, require_records
 
@@ -139,6 +139,20 @@ def flat_inputs(gm: fx.GraphModule, item: Any, where: str) -> tuple[list[Any], O
     return flat, timestep_of(gm.forward, args, kwargs, where)
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _describe_placeholders(gm: fx.GraphModule) -> str:
+    parts = []
+    for n in gm.graph.nodes:
+        v = n.meta.get("val") if n.op == "placeholder" else None
+        if isinstance(v, torch.Tensor):
+            parts.append(f"{n.target} {tuple(v.shape)} {str(v.dtype).replace('torch.', '')}")
+    return ", ".join(parts)
+
+
 class CollectStats(FxquantPass):
     """Attach `meta.ActStats` to every linear from a pass over ``calibration`` (see module doc).
 
@@ -191,7 +205,14 @@ class CollectStats(FxquantPass):
             current.update(index=i, t=t, step=steps.setdefault(t, {}))
             flat = [v.to(device) if isinstance(v, torch.Tensor) else v for v in flat]
             with torch.no_grad():
-                interp.run(*flat)
+                try:
+                    interp.run(*flat)
+                except FxquantError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - a shape/dtype the traced graph cannot take
+                    raise CalibrationError(
+                        f"{self.name}: calibration[{i}] does not fit the module traced on calibration[0] "
+                        f"({_first_line(e)}); traced inputs: {_describe_placeholders(gm)}") from e
             progress.step(i + 1)
 
         for node, name in linears.items():

@@ -3,6 +3,8 @@
     rules (recipe.skip, recipe.protect) + top-k by fragility rank
         -> meta["fxquant"].selection = Selection("protected", "fragility rank 2 of 279")
 
+Top-k is taken among the linears no rule has decided, so the rules' layers come on top of k.
+
 Top-k scaling: ``protect_top_k`` is chosen for a model with ``reference_linears`` linears (the paper:
 17 of Ideogram 4's 279). A model with n < reference linears protects ``max(1, round(k * n / reference))``
 so that the same *fraction* stays in float; a larger model keeps k.
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from .. import meta
-from ..errors import PassError, RecipeError
+from ..errors import RecipeError
 from ..recipe import LayerRule
 from .base import FxquantPass, PassResult, require_records
 
@@ -57,10 +59,15 @@ class SelectProtected(FxquantPass):
                     raise RecipeError(f"recipe.{kind}: pattern {rule.pattern!r} matches no linear in the model "
                                       f"({len(names)} linears, e.g. {names[0]!r})")
         k = effective_top_k(o.top_k, len(recs), o.reference_linears)
+        by_rule = {rec.name: _first_match(o.skip, rec.name, "skipped") or _first_match(o.protect, rec.name, "protected")
+                   for _, rec in recs}
+        # Top-k counts only linears no rule has decided: "k plus the patterns", as the paper's recipe.
+        candidates = sorted((rec.fragility.rank, rec.name) for _, rec in recs
+                            if by_rule[rec.name] is None and rec.fragility is not None)
+        top = {name for _, name in candidates[:k]}
         for node, rec in recs:
-            sel = _first_match(o.skip, rec.name, "skipped")
-            sel = sel or _first_match(o.protect, rec.name, "protected")
-            if sel is None and rec.fragility is not None and rec.fragility.rank <= k:
+            sel = by_rule[rec.name]
+            if sel is None and rec.name in top:
                 sel = meta.Selection("protected", f"fragility rank {rec.fragility.rank} of {len(recs)} (top {k})")
             meta.update(node, selection=sel or meta.Selection("quantize"))
         return PassResult(gm, False)

@@ -193,3 +193,18 @@ def test_progress_only_on_a_terminal(monkeypatch, capsys):
     monkeypatch.setattr("sys.stderr", tty)
     analysed(model, items([0.1, 0.2]))
     assert tty.getvalue() == "\rcollect_stats: 1/2 calibration inputs\rcollect_stats: 2/2 calibration inputs\n"
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda x: x[..., :16], r"calibration\[1\] does not fit the module traced on calibration\[0\]"),
+    (lambda x: x.double(), r"calibration\[1\] does not fit"),
+    (lambda x: x[0], r"calibration\[1\] does not fit"),
+])
+def test_later_calibration_item_of_another_shape_is_a_calibration_error(bad, match):
+    from fxquant.passes.collect_stats import CollectStats
+    from .util import traced
+    _, gm = traced()
+    x = torch.randn(2, 5, 32)
+    with pytest.raises(fxquant.CalibrationError, match=match) as e:
+        CollectStats([(x,), (bad(x),)])(gm)
+    assert "traced inputs: " in str(e.value)

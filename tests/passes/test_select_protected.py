@@ -61,3 +61,18 @@ def test_needs_records():
     (0, 39, 279, 0), (17, 10, 0, 10), (3, 39, 0, 3)])
 def test_effective_top_k_scales_by_linear_count(k, n, ref, expected):
     assert effective_top_k(k, n, ref) == expected
+
+
+def test_rule_matched_layers_do_not_use_up_top_k():
+    _, gm = traced()
+    for (node, rec), rank in zip(meta.records(gm), (2, 1)):
+        meta.update(node, fragility=meta.Fragility(score=float(10 - rank), rank=rank))
+    # fc2 is the most fragile but already protected by a rule: top-1 goes to the next one, fc1.
+    SelectProtected(SelectOptions(top_k=1, protect=(LayerRule("fc2"),)))(gm)
+    assert kinds(gm) == {"fc1": ("protected", "fragility rank 2 of 2 (top 1)"),
+                         "fc2": ("protected", "matches protect rule 'fc2'")}
+    _, gm = traced()
+    for (node, rec), rank in zip(meta.records(gm), (2, 1)):
+        meta.update(node, fragility=meta.Fragility(score=float(10 - rank), rank=rank))
+    SelectProtected(SelectOptions(top_k=1, skip=(LayerRule("fc2"),)))(gm)
+    assert kinds(gm)["fc1"][0] == "protected" and kinds(gm)["fc2"][0] == "skipped"
