@@ -4,7 +4,7 @@ from . import ops as _ops  # noqa: F401  (registers the fxquant:: custom ops)
 from .api import Summary, SummaryRow, compile, summary
 from .calibrate import record_inputs
 from .ladder import Ladder, LadderPoint, protection_ladder
-from .errors import (CalibrationError, FormatError, FxquantError, PassError, PassNotAvailableError, RecipeError,
+from .errors import (CalibrationError, FormatError, FxquantError, PassError, RecipeError,
                      TraceError)
 from .io import export_program, load, save, save_pt2
 from .gguf_export import GGUFReport, save_gguf
@@ -16,6 +16,6 @@ __version__ = "0.1.0"
 __all__ = [
     "compile", "summary", "Summary", "SummaryRow", "Recipe", "LayerRule", "WeightScheme", "ActivationScheme",
     "MisalignedPolicy", "FxquantError", "RecipeError", "TraceError", "CalibrationError", "PassError",
-    "PassNotAvailableError", "FormatError", "__version__", "save_gguf", "GGUFReport", "save", "load", "save_pt2", "export_program",
+    "FormatError", "__version__", "save_gguf", "GGUFReport", "save", "load", "save_pt2", "export_program",
     "record_inputs", "protection_ladder", "Ladder", "LadderPoint", "report",
 ]

@@ -45,7 +45,7 @@ def compile(
         are not modified.
 
     Raises:
-        RecipeError, CalibrationError, TraceError, PassError, PassNotAvailableError.
+        RecipeError, CalibrationError, TraceError, PassError.
 
     Example:
         >>> gm = fxquant.compile(model, "w8a8-naive", calibration=[inputs])  # doctest: +SKIP
@@ -72,7 +72,7 @@ def compile(
 def _compile_one(model: torch.nn.Module, recipe: Recipe, calibration: Any, branch: str) -> fx.GraphModule:
     where = f"calibration[{branch!r}]" if branch else "calibration"
     examples = check_calibration(calibration, where)
-    passes = pipeline.build(recipe, examples)  # fails before tracing if a pass is missing
+    passes = pipeline.build(recipe, examples, branch)
     gm = trace(model, examples[0])
     meta.set_graph_record(gm, meta.GraphRecord(recipe=recipe.to_dict(), branch=branch, extra=_model_facts(model),
                                                 example_inputs=describe_inputs(examples[0])))

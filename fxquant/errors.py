@@ -21,9 +21,5 @@ class PassError(FxquantError):
     """A pass found the graph in a state it cannot work with (a missing precondition)."""
 
 
-class PassNotAvailableError(FxquantError, NotImplementedError):
-    """A recipe asks for a pass that fxquant does not implement."""
-
-
 class FormatError(FxquantError, ValueError):
     """A saved artifact or packed tensor is malformed."""

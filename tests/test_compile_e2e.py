@@ -119,14 +119,6 @@ def test_branch_keys_must_match(ideogram_pair):
         fxquant.compile(ideogram_pair, "w8a8-naive", calibration={"cond": [ideogram4_inputs()]})
 
 
-def test_missing_pass_is_named(monkeypatch, ideogram_pair):
-    import importlib.util
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "fxquant.passes.lower_gguf" else real(n, *a))
-    with pytest.raises(fxquant.PassNotAvailableError, match=r"recipe 'q4_k' needs pass 'lower_gguf'"):
-        fxquant.compile(ideogram_pair["cond"], "q4_k", calibration=[ideogram4_inputs()])
-
-
 def test_lowered_module_reexports_and_runs_under_torch_compile(compiled, ideogram_pair):
     gm = compiled[0]["cond"]
     ex = ideogram4_inputs(batch=2, text_len=5, image_hw=(3, 3), seed=8)
