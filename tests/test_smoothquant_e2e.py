@@ -115,18 +115,51 @@ def test_int8_w8a8_preset_compiles_saves_and_loads(ideogram, tmp_path):
         torch.testing.assert_close(back(**ex).sample, out, rtol=0, atol=0)
 
 
-@pytest.mark.slow
-def test_quality_ablation_orders_like_the_paper():
-    """naive W8A8 worst, SmoothQuant alone and protection alone better, both together best
-    (bench/quality_ablation.py, one seed, on held-out inputs)."""
+def _quality_ablation():
     path = Path(__file__).resolve().parents[1] / "bench" / "quality_ablation.py"
     spec = importlib.util.spec_from_file_location("quality_ablation", path)
     qa = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(qa)
-    e = qa.ablation(seed=1, layers=4)["errors"]
+    return qa
+
+
+def test_planted_outliers_keep_the_float_function_and_are_what_they_claim():
+    """Channel outliers are exact reparametrisations; the massive pairs cancel in float but are huge
+    on a few tokens (w2 inputs) and samples (mlp_out input)."""
+    qa = _quality_ablation()
+    model = reduced_ideogram4(seed=2, num_layers=2)
+    ex = ideogram4_inputs(batch=2, text_len=6, image_hw=(4, 4), timestep=0.5, seed=3)
+    channel_only = qa.plant_outliers(model, factor=30.0, massive=0.0, seed=2)
+    both = qa.plant_outliers(model, factor=30.0, massive=300.0, seed=2)
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: seen.__setitem__(n, a[0].reshape(-1, a[0].shape[-1])))
+             for n, m in both.named_modules() if n == "layers.1.feed_forward.w2"]
+    with torch.no_grad():
+        ref = model(**ex).sample
+        torch.testing.assert_close(channel_only(**ex).sample, ref, rtol=1e-4, atol=1e-5)
+        assert rel_err(both(**ex).sample, ref) < 0.05  # two channels of one FFN and of the t-MLP repurposed
+    for h in hooks:
+        h.remove()
+    assert channel_only.layers[0].attention_norm1.weight.max() > 10 * model.layers[0].attention_norm1.weight.max()
+    massive = seen["layers.1.feed_forward.w2"].abs()  # block 1 is planted (every other block)
+    j = int(massive.amax(0).argmax())
+    assert massive[:, j].max() > 100 * massive.amax(0).median()  # a few channels far above the rest
+    assert (massive[:, j] > 0.1 * massive[:, j].max()).float().mean() < 0.3  # on a minority of tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_quality_ablation_orders_like_the_paper(seed):
+    """naive W8A8 worst, SmoothQuant alone and protection alone better, both together best
+    (bench/quality_ablation.py on a 2-layer planted model, held-out inputs), with the protected
+    linears chosen by the fragility ranking."""
+    qa = _quality_ablation()
+    r = qa.ablation(seed=seed, layers=2, factor=20.0, massive=300.0)
+    e = r["errors"]
     naive, sq, prot, both = (e[k] for k in qa.VARIANTS)
     assert naive > sq and naive > prot, e
     assert both < sq and both < prot, e
+    assert "layers.1.feed_forward.w2" in r["protected"], r["protected"]  # the planted block's, found by ranking
 
 
 def test_ideogram4_block_adaln_chunk_is_the_fallback_for_qkv(ideogram):
