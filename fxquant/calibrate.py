@@ -80,8 +80,9 @@ def _to_cpu(x: Any) -> Any:
 class Recorder(Sequence):
     """The recorded inputs: a sequence of keyword-argument dicts, usable as ``calibration=``.
 
-    ``timesteps[i]`` is the timestep of item ``i`` (None if the module takes none);
-    ``calls`` counts every call seen, recorded or not.
+    ``timesteps[i]`` is the timestep of item ``i`` (None if the module takes none) and
+    ``call_indices[i]`` the index of the forward call it came from; ``calls`` counts every call
+    seen, recorded or not.
     """
 
     def __init__(self, module: torch.nn.Module, max_items: int) -> None:
@@ -89,7 +90,7 @@ class Recorder(Sequence):
         self.max_items = max_items
         self.items: list[Any] = []
         self.timesteps: list[Optional[float]] = []
-        self._call_index: list[int] = []
+        self.call_indices: list[int] = []
         self.stride = 1
         self.calls = 0
 
@@ -114,7 +115,7 @@ class Recorder(Sequence):
             # Full: keep every other item and double the stride, so the kept calls stay evenly
             # spread over the whole trajectory (not just its first steps) at bounded memory.
             keep = slice(0, None, 2)
-            self.items, self.timesteps, self._call_index = self.items[keep], self.timesteps[keep], self._call_index[keep]
+            self.items, self.timesteps, self.call_indices = self.items[keep], self.timesteps[keep], self.call_indices[keep]
             self.stride *= 2
             if i % self.stride:
                 return
@@ -129,7 +130,7 @@ class Recorder(Sequence):
             item = _to_cpu(named)
         self.items.append(item)
         self.timesteps.append(timestep_of(module.forward, args, kwargs, where))
-        self._call_index.append(i)
+        self.call_indices.append(i)
 
 
 class record_inputs:  # noqa: N801 - used as a context manager, reads like a function

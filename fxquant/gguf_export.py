@@ -31,11 +31,11 @@ import torch
 import torch.fx as fx
 
 from . import codecs, graph, meta
+from .passes.lower_gguf import QWEIGHT_SUFFIX
 from .errors import FormatError, FxquantError
 
 LINEAR_GGUF = "fxquant::linear_gguf"
 FLOAT_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-QWEIGHT_SUFFIX = ".qweight"
 
 
 @dataclass(frozen=True)

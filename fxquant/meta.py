@@ -83,6 +83,11 @@ class Lowering:
     note: str = ""
 
 
+def float_lowering(w: torch.Tensor, note: str = "") -> Lowering:
+    """The lowering record of a linear left in its float dtype (bits and bytes as stored now)."""
+    return Lowering("float", float(torch.finfo(w.dtype).bits), w.numel() * w.element_size(), note)
+
+
 @dataclass(frozen=True)
 class LinearRecord:
     """Everything fxquant knows about one linear layer. Written field by field by the passes."""

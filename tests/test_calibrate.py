@@ -96,3 +96,14 @@ def test_cfg_branches_get_the_inputs_they_see():
     # Same weights and the same recorded inputs give the same statistics (the difference is the inputs).
     again = fxquant.compile(uncond, recipe, calibration=rec_u)
     assert {r.name: r.stats for _, r in meta.records(again)} == stats["uncond"]
+
+
+def test_call_indices_say_which_calls_were_kept():
+    from fxquant.calibrate import record_inputs
+    m = torch.nn.Linear(4, 4)
+    with record_inputs(m, max_items=4) as rec:
+        for _ in range(10):
+            m(torch.randn(2, 4))
+    assert rec.calls == 10 and len(rec) == len(rec.call_indices) <= 4
+    assert rec.call_indices == sorted(rec.call_indices) and rec.call_indices[0] == 0
+    assert rec.call_indices[-1] >= 6  # spread over the whole run, not its first calls

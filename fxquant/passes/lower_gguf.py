@@ -31,11 +31,6 @@ from .base import FxquantPass, PassResult, require_records
 QWEIGHT_SUFFIX = ".qweight"
 
 
-def float_lowering(w: torch.Tensor, note: str = "") -> meta.Lowering:
-    """The record of a linear left in its float dtype (bits and bytes as stored now)."""
-    return meta.Lowering("float", float(torch.finfo(w.dtype).bits), w.numel() * w.element_size(), note)
-
-
 def choose_qtype(in_features: int, qtype: str, policy: MisalignedPolicy) -> tuple[str | None, str]:
     """(block type to store the weight in, or None for float; the note explaining a fallback).
 
@@ -86,11 +81,11 @@ class LowerGGUF(FxquantPass):
             if not w.is_floating_point():
                 raise PassError(f"{self.name}: linear {rec.name!r} has a {w.dtype} weight, expected a float weight")
             if rec.selection.kind != "quantize":
-                meta.update(node, lowering=float_lowering(w))
+                meta.update(node, lowering=meta.float_lowering(w))
                 continue
             qtype, note = choose_qtype(rec.in_features, self.qtype, self.misaligned)
             if qtype is None:
-                meta.update(node, lowering=float_lowering(w, note))
+                meta.update(node, lowering=meta.float_lowering(w, note))
                 continue
             # The codecs quantize float32 (as llama.cpp does from f16/bf16); new tensor, never in place.
             packed = torch.from_numpy(codecs.quantize(w.detach().float().cpu().numpy(), qtype)).to(w.device)

@@ -33,11 +33,6 @@ def fused_smooth(node: fx.Node) -> tuple[fx.Node, fx.Node | None]:
     return x, None
 
 
-def float_lowering(w: torch.Tensor) -> meta.Lowering:
-    bits = torch.finfo(w.dtype).bits
-    return meta.Lowering("float", float(bits), w.numel() * w.element_size())
-
-
 class LowerW8A8(FxquantPass):
     name = "lower_w8a8"
 
@@ -49,7 +44,7 @@ class LowerW8A8(FxquantPass):
         for node, rec in meta.records(gm):
             w = graph.weight(gm, node)
             if rec.selection.kind != "quantize":
-                meta.update(node, lowering=float_lowering(w))
+                meta.update(node, lowering=meta.float_lowering(w))
                 continue
             q, scale = ops.quantize_weight_per_channel(w)
             graph.set_buffer(gm, f"{rec.name}.weight_int8", q)
