@@ -39,7 +39,6 @@ from ..fold_targets import FoldFinder
 from ..smoothing import Fold, ParamFold, apply_param_fold, overlapping, search_alpha, smoothing_vector
 from ..trace import as_args_kwargs, batch_of, repeat_batch
 from .base import FxquantPass, PassResult, require_records
-from .lower_w8a8 import SMOOTH_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -165,7 +164,7 @@ class FoldSmoothing(FxquantPass):
         x = node.args[0]
         xval = x.meta.get("val")
         dtype = xval.dtype if isinstance(xval, torch.Tensor) else w.dtype
-        target = f"{rec.name}{SMOOTH_SUFFIX}"
+        target = f"{rec.name}.smooth"
         graph.set_buffer(gm, target, (1.0 / s).to(dtype))
         with gm.graph.inserting_before(node):
             attr = gm.graph.get_attr(target)

@@ -5,8 +5,8 @@
                                      get_attr[l.bias], smooth)
 
 Weights become per-output-channel symmetric int8 plus a float32 scale per row; the float weight
-is deleted from the module. If a ``fold_smoothing`` pass left a ``mul(x, get_attr[l.smooth])``
-feeding the linear only (its "fused" case), the multiply moves into the op's activation
+is deleted from the module. Where ``fold_smoothing`` recorded a "fused" smoothing (it left a
+``mul(x, get_attr[l.smooth])`` feeding the linear only), the multiply moves into the op's activation
 quantization instead of running as a separate pass over memory. Protected and skipped linears
 stay as they are.
 """
@@ -18,19 +18,20 @@ import torch.fx as fx
 
 from .. import graph, meta
 from ..ops import w8a8 as ops
+from ..errors import PassError
 from .base import FxquantPass, PassResult, require_records
 
-SMOOTH_SUFFIX = ".smooth"
-
-
-def fused_smooth(node: fx.Node) -> tuple[fx.Node, fx.Node | None]:
-    """(activation input, smooth get_attr or None) for a linear fed by ``mul(x, get_attr[*.smooth])``."""
+def fused_smooth(node: fx.Node, rec: meta.LinearRecord) -> tuple[fx.Node, fx.Node | None]:
+    """(activation input, smooth get_attr or None). When ``fold_smoothing`` recorded a "fused"
+    smoothing, the linear is fed by the ``mul(x, get_attr[smooth])`` it inserted."""
     x = node.args[0]
-    if (isinstance(x, fx.Node) and x.op == "call_function" and x.target is torch.ops.aten.mul.Tensor
-            and len(x.users) == 1 and isinstance(x.args[1], fx.Node) and x.args[1].op == "get_attr"
-            and str(x.args[1].target).endswith(SMOOTH_SUFFIX)):
-        return x.args[0], x.args[1]
-    return x, None
+    if rec.smoothing is None or rec.smoothing.target != "fused":
+        return x, None
+    if not (isinstance(x, fx.Node) and x.op == "call_function" and x.target is torch.ops.aten.mul.Tensor
+            and len(x.users) == 1 and isinstance(x.args[1], fx.Node) and x.args[1].op == "get_attr"):
+        raise PassError(f"lower_w8a8: linear {rec.name!r} has a fused smoothing record but is not fed by "
+                        f"mul(x, get_attr[smooth]) alone (found {x})")
+    return x.args[0], x.args[1]
 
 
 class LowerW8A8(FxquantPass):
@@ -49,7 +50,7 @@ class LowerW8A8(FxquantPass):
             q, scale = ops.quantize_weight_per_channel(w)
             graph.set_buffer(gm, f"{rec.name}.weight_int8", q)
             graph.set_buffer(gm, f"{rec.name}.weight_scale", scale)
-            x, smooth = fused_smooth(node)
+            x, smooth = fused_smooth(node, rec)
             args = (
                 x,
                 graph.get_attr_node(gm, f"{rec.name}.weight_int8", node),

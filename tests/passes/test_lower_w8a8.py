@@ -79,3 +79,41 @@ def test_does_not_touch_the_source_module():
     SelectProtected(SelectOptions())(gm)
     LowerW8A8()(gm)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def _fuse_smooth_by_hand(gm, smooth):
+    """What fold_smoothing's "fused" case leaves: linear(mul(x, get_attr[fc1.smooth])) and a record."""
+    from fxquant import graph
+    node, rec = meta.records(gm)[0]
+    graph.set_buffer(gm, "fc1.smooth", smooth)
+    with gm.graph.inserting_before(node):
+        s = gm.graph.get_attr("fc1.smooth")
+        mul = gm.graph.call_function(torch.ops.aten.mul.Tensor, (node.args[0], s))
+    node.replace_input_with(node.args[0], mul)
+    gm.recompile()
+    meta.update(node, smoothing=meta.Smoothing("fused", rec.name))
+
+
+def test_fused_smoothing_moves_into_the_op():
+    m, gm = traced()
+    smooth = torch.rand(32) + 0.5
+    _fuse_smooth_by_hand(gm, smooth)
+    SelectProtected(SelectOptions())(gm)
+    LowerW8A8()(gm)
+    assert count(gm, torch.ops.aten.mul.Tensor) == 0 and count(gm, W8A8) == 2
+    op = next(n for n in gm.graph.nodes if n.target is W8A8)
+    assert op.args[4].op == "get_attr" and str(op.args[4].target) == "fc1.smooth"
+    x = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        h = reference_w8a8(x * smooth, m.fc1.weight, m.fc1.bias)
+        ref = reference_w8a8(torch.nn.functional.gelu(h), m.fc2.weight, None)
+        torch.testing.assert_close(gm(x).double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_record_without_its_multiply_is_an_error():
+    _, gm = traced()
+    node, rec = meta.records(gm)[0]
+    meta.update(node, smoothing=meta.Smoothing("fused", rec.name))
+    SelectProtected(SelectOptions())(gm)
+    with pytest.raises(fxquant.PassError, match=r"linear 'fc1' has a fused smoothing record"):
+        LowerW8A8()(gm)
