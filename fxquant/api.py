@@ -188,7 +188,7 @@ def summary(gm: Union[fx.GraphModule, Mapping[str, fx.GraphModule]]) -> Summary:
         if low is not None and low.note:
             reason = f"{reason}; {low.note}" if reason else low.note
         rows.append(SummaryRow(
-            name=r.name, scheme=scheme, in_features=r.in_features, out_features=r.out_features,
+            name=r.key, scheme=scheme, in_features=r.in_features, out_features=r.out_features,
             bits_per_weight=low.bits_per_weight if low else None, weight_bytes=low.weight_bytes if low else None,
             fragility=r.fragility.score if r.fragility else None, rank=r.fragility.rank if r.fragility else None,
             smoothing=r.smoothing.target if r.smoothing else "-", reason=reason,

@@ -96,15 +96,23 @@ class LinearRecord:
     in_features: int  # (find_linears)
     out_features: int  # (find_linears)
     has_bias: bool  # (find_linears)
+    call: int = 0  # which call of the module this node is: 0, or 1, 2, ... for a module called again (find_linears)
     stats: Optional[ActStats] = None  # collect_stats
     fragility: Optional[Fragility] = None  # score_fragility
     selection: Optional[Selection] = None  # select_protected
     smoothing: Optional[Smoothing] = None  # fold_smoothing
     lowering: Optional[Lowering] = None  # lower_w8a8 / lower_gguf
 
+    @property
+    def key(self) -> str:
+        """Unique per node: the module name, with ``#n`` for the module's n-th extra call."""
+        return f"{self.name}#{self.call}" if self.call else self.name
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "in_features": self.in_features,
                                "out_features": self.out_features, "has_bias": self.has_bias}
+        if self.call:
+            out["call"] = self.call
         for f in ("stats", "fragility", "selection", "smoothing", "lowering"):
             v = getattr(self, f)
             if v is not None:
@@ -114,6 +122,7 @@ class LinearRecord:
     @staticmethod
     def from_json(d: dict[str, Any]) -> "LinearRecord":
         kw: dict[str, Any] = {k: d[k] for k in ("name", "in_features", "out_features", "has_bias")}
+        kw["call"] = d.get("call", 0)
         if "stats" in d:
             s = d["stats"]
             kw["stats"] = ActStats(s["max_abs"], s["std"], s["kurtosis"], s["count"],

@@ -2,7 +2,8 @@
 
 A linear whose weight is computed in the graph (``F.linear(x, w * 2)``) gets no record, so no
 pass touches it; its module is listed under ``computed_weight_linears`` in the graph record and
-the summary says so.
+the summary says so. A module called more than once gets a record per call (``call`` = 0, 1, ...);
+the calls share one weight, which the lowering passes quantize once.
 
     linear(x, get_attr[layers.0.attention.to_q.weight])      (graph unchanged)
         meta["fxquant"] = LinearRecord(name="layers.0.attention.to_q", in_features=..., ...)
@@ -21,7 +22,7 @@ class FindLinears(FxquantPass):
     name = "find_linears"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        seen: dict[str, str] = {}
+        calls: dict[str, int] = {}
         computed: list[str] = []
         for node in graph.linear_nodes(gm):
             name = graph.module_name(node)
@@ -31,14 +32,12 @@ class FindLinears(FxquantPass):
             w = graph.weight(gm, node)
             if w.ndim != 2:
                 raise PassError(f"{self.name}: linear {name!r} has a weight of shape {tuple(w.shape)}, expected 2-D")
-            if name in seen:
-                # A module called twice (shared weights) would be lowered twice from one weight.
-                raise PassError(f"{self.name}: linear {name!r} is called more than once (nodes {seen[name]} and {node.name}); shared linears are not supported")
-            seen[name] = node.name
+            # A module called more than once (DiT's timestep embedder) gets one record per call.
+            call = calls[name] = calls.get(name, -1) + 1
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            meta.put(node, meta.LinearRecord(name=name, in_features=int(w.shape[1]),
-                                             out_features=int(w.shape[0]), has_bias=bias is not None))
-        if not seen:
+            meta.put(node, meta.LinearRecord(name=name, in_features=int(w.shape[1]), out_features=int(w.shape[0]),
+                                             has_bias=bias is not None, call=call))
+        if not calls:
             raise PassError(f"{self.name}: the traced graph has no aten.linear nodes with parameter weights; nothing to quantize"
                             + (f" (linears with computed weights, left as they are: {computed})" if computed else ""))
         g = meta.graph_record(gm)

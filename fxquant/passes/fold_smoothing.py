@@ -106,7 +106,9 @@ class FoldSmoothing(FxquantPass):
         groups: dict[fx.Node, list[fx.Node]] = {}
         for node in recs:
             groups.setdefault(node.args[0], []).append(node)
-        frozen = {str(a.target) for n, r in recs.items() if r.selection.kind == "skipped"
+        # A weight read by another call of the same module cannot take this call's column scaling.
+        shared = {n for n in recs if len(n.args[1].users) > 1}
+        frozen = {str(a.target) for n, r in recs.items() if r.selection.kind == "skipped" or n in shared
                   for a in n.args[1:3] if isinstance(a, fx.Node)}
         finder = FoldFinder(gm, frozen)
         wanted = [x for x, ms in groups.items() if any(recs[m].selection.kind == "quantize" for m in ms)]
@@ -118,9 +120,9 @@ class FoldSmoothing(FxquantPass):
         # search see the weights as they will finally be, not before a later fold rescales them.
         position = {n: i for i, n in enumerate(gm.graph.nodes)}
         for x, members in sorted(groups.items(), key=lambda g: position[g[0]], reverse=True):
-            quant = [m for m in members if recs[m].selection.kind == "quantize"]
+            quant = [m for m in members if recs[m].selection.kind == "quantize" and m not in shared]
             fold = None
-            if quant and not any(recs[m].selection.kind == "skipped" for m in members):
+            if quant and not any(recs[m].selection.kind == "skipped" or m in shared for m in members):
                 fold = finder.find(x, members, recs[quant[0]].in_features)
                 if fold is not None and overlapping(fold.params, recs[quant[0]].in_features, claimed):
                     fold = None

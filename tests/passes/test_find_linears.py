@@ -46,10 +46,17 @@ class Shared(torch.nn.Module):
         return self.fc(self.fc(x))
 
 
-def test_shared_linear_is_rejected_by_name():
-    gm = trace(Shared(), (torch.randn(2, 3, 8),))
-    with pytest.raises(fxquant.PassError, match=r"'fc' is called more than once"):
-        FindLinears()(gm)
+def test_module_called_twice_gets_a_record_per_call():
+    m = Shared().eval()
+    gm = trace(m, (torch.randn(2, 3, 8),))
+    FindLinears()(gm)
+    assert [(r.name, r.call, r.key) for _, r in meta.records(gm)] == [("fc", 0, "fc"), ("fc", 1, "fc#1")]
+    q = fxquant.compile(m, "w8a8-naive", calibration=[(torch.randn(2, 3, 8),)])
+    assert [r.name for r in fxquant.summary(q).rows] == ["fc", "fc#1"]
+    assert sorted(k for k in q.state_dict() if k.startswith("fc.")) == ["fc.bias", "fc.weight_int8", "fc.weight_scale"]
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        assert float((q(x) - m(x)).norm() / m(x).norm()) < 0.02
 
 
 class Tied(torch.nn.Module):
