@@ -212,7 +212,7 @@ class FoldFinder:
             return None
         if not isinstance(_attr(self.gm, target), torch.Tensor):
             return None
-        return [ParamFold(target, dims, start, shift)], [kind], [_module_of(target)]
+        return [ParamFold(target, dims, start, shift, self.c)], [kind], [_module_of(target)]
 
     def _linear(self, n, dims, start, shift, modulation):
         v = _val(n)

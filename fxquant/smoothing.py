@@ -58,6 +58,7 @@ class ParamFold:
     dims: tuple[int, ...]
     start: int = 0
     shift: float = 0.0
+    width: int = 0  # channels in the region (0: the width of the group being checked)
 
 
 @dataclass(frozen=True)
@@ -89,12 +90,16 @@ def apply_param_fold(p: torch.Tensor, f: ParamFold, s: torch.Tensor) -> torch.Te
 
 
 def overlapping(params: Sequence[ParamFold], channels: int, others: Sequence[ParamFold] = ()) -> bool:
-    """Whether two folds touch the same entries of one parameter (rows of one dim may be disjoint)."""
+    """Whether two folds touch the same entries of one parameter (rows of one dim may be disjoint).
+
+    Each region is as wide as its own ``width`` (a fold claimed by an earlier group may be wider
+    or narrower than ``channels``, the width of the group being checked)."""
     seen = list(others)
     for p in params:
         for q in seen:
+            wp, wq = p.width or channels, q.width or channels
             if p.target == q.target and (p.dims != q.dims or len(p.dims) != 1
-                                         or not (p.start + channels <= q.start or q.start + channels <= p.start)):
+                                         or not (p.start + wp <= q.start or q.start + wq <= p.start)):
                 return True
         seen.append(p)
     return False

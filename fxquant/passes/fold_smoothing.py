@@ -146,6 +146,10 @@ class FoldSmoothing(FxquantPass):
         names = tuple(recs[m].name for m in members)
         alpha = self._alpha(act, ws, sample, names[0])
         s = smoothing_vector(act, torch.stack([w.abs().amax(0) for w in ws]).amax(0), alpha, names[0])
+        if bool((s == 1).all()):  # nothing to migrate: leave the graph as it is
+            for m in members:
+                meta.update(m, smoothing=meta.Smoothing("none", group=names))
+            return False
         for m in members:
             _scale_columns(gm, m, s)
         for pf in fold.params:

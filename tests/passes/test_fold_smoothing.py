@@ -458,6 +458,9 @@ def test_overlapping_regions_of_one_parameter():
     assert overlapping([scale, ParamFold("mod.weight", (0,), 40)], 32)
     assert overlapping([ParamFold("norm.weight", (0,))], 32, others=[ParamFold("norm.weight", (0,))])
     assert not overlapping([ParamFold("a.weight", (0,))], 32, others=[ParamFold("b.weight", (0,))])
+    # a region claimed by an earlier, wider group: rows 0..63 overlap rows 40..71
+    assert overlapping([ParamFold("mod.weight", (0,), 40, width=32)], 32, others=[ParamFold("mod.weight", (0,), 0, width=64)])
+    assert not overlapping([ParamFold("mod.weight", (0,), 64, width=32)], 32, others=[ParamFold("mod.weight", (0,), 0, width=64)])
 
 
 def test_bfloat16_model_folds_within_bf16_tolerance():
