@@ -172,9 +172,9 @@ def _per_branch(out: str, branch: str, several: bool) -> str:
 
 def cmd_inspect(args: argparse.Namespace, progress: Progress) -> None:
     import fxquant
-    from . import io
+    from .manifest import read_manifest
 
-    m = io.read_manifest(args.path)
+    m = read_manifest(args.path)
     loaded = _load(args.path, progress)
     print(f"{args.path}: fxquant artifact, format version {m['format_version']}, written by fxquant "
           f"{m['fxquant_version']} with torch {m['torch_version']}")
@@ -188,7 +188,6 @@ def cmd_inspect(args: argparse.Namespace, progress: Progress) -> None:
 
 def cmd_export(args: argparse.Namespace, progress: Progress) -> None:
     import fxquant
-    from . import io
 
     if args.format == "gguf" and getattr(fxquant, "save_gguf", None) is None:
         raise CliError("--format gguf: this fxquant has no fxquant.save_gguf (GGUF export is not available)")
@@ -197,7 +196,7 @@ def cmd_export(args: argparse.Namespace, progress: Progress) -> None:
         out = _per_branch(args.out, name, len(targets) > 1)
         progress(f"exporting {('branch ' + repr(name)) if name else 'the module'} to {out} ({args.format})")
         if args.format == "pt2":
-            io.save_pt2(gm, out)
+            fxquant.save_pt2(gm, out)
         else:
             fxquant.save_gguf(gm, out)
         print(out)

@@ -88,3 +88,9 @@ def test_export_needs_the_recorded_example_or_an_explicit_one(compiled):
         assert _count(ep.graph, W8A8) == 21
     finally:
         compiled.meta["fxquant"] = rec
+
+
+def test_save_pt2_into_a_missing_folder_names_the_path(compiled, tmp_path):
+    with pytest.raises(fxquant.FormatError, match="save_pt2: cannot write .*/no/m.pt2: the folder .* does not exist"):
+        fxquant.save_pt2(compiled, tmp_path / "no" / "m.pt2")
+    assert not (tmp_path / "no").exists()

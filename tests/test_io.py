@@ -17,7 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import fxquant
-from fxquant import io
+from fxquant import export
+from fxquant import manifest as fmt
 from fxquant.models import ideogram4_inputs, ideogram4_trajectory, reduced_ideogram4
 
 W8A8 = torch.ops.fxquant.linear_w8a8.default
@@ -76,7 +77,7 @@ def test_metadata_holds_versions_recipe_layers_and_checksums(saved, compiled):
     with safe_open(saved, framework="pt") as f:
         manifest = json.loads(f.metadata()["fxquant"])
         keys = set(f.keys())
-    assert manifest["format_version"] == io.FORMAT_VERSION
+    assert manifest["format_version"] == fmt.FORMAT_VERSION
     assert manifest["fxquant_version"] == fxquant.__version__ and manifest["torch_version"] == torch.__version__
     cond = manifest["branches"]["cond"]
     assert cond["graph"]["recipe"]["name"] == "int8-w8a8"
@@ -132,9 +133,9 @@ def test_load_in_a_fresh_process_needs_only_fxquant(compiled, saved, tmp_path):
 
 def test_example_description_round_trips():
     ex = {"x": torch.ones(2, 3, dtype=torch.bfloat16), "ids": [torch.zeros(4, dtype=torch.long), None], "flag": True}
-    desc = io.describe_inputs(ex)
+    desc = export.describe_inputs(ex)
     assert json.loads(json.dumps(desc)) == desc
-    back = io.example_from(desc, "ex")
+    back = export.example_from(desc, "ex")
     assert back["x"].shape == (2, 3) and back["x"].dtype == torch.bfloat16
     assert back["ids"][0].dtype == torch.long and back["ids"][1] is None and back["flag"] is True
 
@@ -158,7 +159,7 @@ def _rewrite(src, dst, edit_manifest=None, edit_tensors=None, redigest=True):
         edit_manifest(manifest)
     md["fxquant"] = json.dumps(manifest, sort_keys=True)
     if redigest:  # keep the digests consistent, so that the check under test is the one that fires
-        md["fxquant.digests"] = json.dumps(io._digests(manifest), sort_keys=True)
+        md["fxquant.digests"] = json.dumps(fmt.digests(manifest), sort_keys=True)
     if edit_tensors:
         edit_tensors(tensors)
     save_file(tensors, dst, metadata=md)
@@ -253,28 +254,66 @@ def test_not_an_fxquant_file_and_missing_file(tmp_path):
     assert not os.path.exists(tmp_path / "nope.safetensors")
 
 
-def test_header_offsets_that_do_not_add_up(saved, tmp_path):
-    data = saved.read_bytes()
+def _edit_header(src, dst, edit):
+    """Copy an artifact byte for byte with its JSON header edited in place (no safetensors writer)."""
+    data = src.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + n])
-    start, end = header[Q_KEY]["data_offsets"]
-    header[Q_KEY]["data_offsets"] = [0, end - start]  # overlaps the first tensor
+    edit(header)
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
-    (tmp_path / "offsets.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
-    _bad(tmp_path / "offsets.safetensors", Q_KEY)
+    dst.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    return dst
 
 
-def test_positional_inputs_and_plain_tensor_output(tmp_path):
-    """Not only diffusers: a module called positionally that returns a bare tensor."""
-    torch.manual_seed(0)
-    mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32)).eval()
-    gm = fxquant.compile(mlp, "w8a8-naive", calibration=[(torch.randn(2, 5, 32),)])
-    fxquant.save(gm, tmp_path / "mlp.safetensors")
-    loaded = fxquant.load(tmp_path / "mlp.safetensors")
-    assert loaded.meta["fxquant"].example_inputs == {"tuple": [{"tensor": {"shape": [2, 5, 32], "dtype": "float32"}}]}
-    x = torch.randn(3, 7, 32)
-    with torch.no_grad():
-        out = loaded(x)
-        assert isinstance(out, torch.Tensor)
-        torch.testing.assert_close(out, gm(x), rtol=0, atol=0)
+def test_header_offsets_that_do_not_add_up(saved, tmp_path):
+    def edit(h):
+        start, end = h[Q_KEY]["data_offsets"]
+        h[Q_KEY]["data_offsets"] = [0, end - start]  # overlaps the first tensor
+
+    _bad(_edit_header(saved, tmp_path / "offsets.safetensors", edit), Q_KEY)
+
+
+@pytest.mark.parametrize("offsets", [["0", "x"], [0.5, 64], None, [64], [64, 0], [-1, 64], [True, 64]])
+def test_header_offsets_that_are_not_two_ordered_integers(saved, tmp_path, offsets):
+    bad = _edit_header(saved, tmp_path / "offsets.safetensors", lambda h: h[Q_KEY].update(data_offsets=offsets))
+    _bad(bad, Q_KEY, "data_offsets", repr(offsets))
+
+
+@pytest.mark.parametrize("key, value, fragment", [(Q_KEY, "int8", "header entry"),
+                                                  ("__metadata__", "fxquant", "'__metadata__' is malformed"),
+                                                  ("__metadata__", {"fxquant": 5}, "'__metadata__' is malformed")])
+def test_header_entries_of_the_wrong_type(saved, tmp_path, key, value, fragment):
+    _bad(_edit_header(saved, tmp_path / "types.safetensors", lambda h: h.update({key: value})), fragment)
+
+
+def test_header_length_past_the_end_a_directory_and_not_a_path(tmp_path):
+    (tmp_path / "long.safetensors").write_bytes(struct.pack("<Q", 2**63) + b"{}")
+    _bad(tmp_path / "long.safetensors", "truncated")
+    (tmp_path / "a_dir.safetensors").mkdir()
+    _bad(tmp_path / "a_dir.safetensors", "cannot read", "directory")
+    with pytest.raises(fxquant.FxquantError, match="load: path must be a str or os.PathLike, got NoneType"):
+        fxquant.load(None)
+
+
+def test_save_into_a_missing_folder_or_onto_a_directory(compiled, tmp_path):
+    gm = compiled["cond"]
+    with pytest.raises(fxquant.FormatError, match="cannot write .*/no/such/x.safetensors: the folder .* does not exist"):
+        fxquant.save(gm, tmp_path / "no" / "such" / "x.safetensors")
+    assert not (tmp_path / "no").exists()  # save does not create folders
+    with pytest.raises(fxquant.FormatError, match=f"cannot write {tmp_path}: it is a directory"):
+        fxquant.save(gm, tmp_path)
+    with pytest.raises(fxquant.FxquantError, match="save: path must be a str or os.PathLike, got int"):
+        fxquant.save(gm, 3)
+    assert list(tmp_path.iterdir()) == []  # no .partial left behind
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda c: torch.nn.Linear(4, 4), "model is a Linear"), (lambda c: torch.ones(2), "model is a Tensor"),
+    (lambda c: None, "model is a NoneType"), (lambda c: [c["cond"]], "model is a list"),
+    (lambda c: {"cond": torch.nn.Linear(4, 4)}, "branch 'cond' of the dict is a Linear"),
+    (lambda c: {"cond": c["cond"], "uncond": "m.safetensors"}, "branch 'uncond' of the dict is a str")])
+def test_save_refuses_what_is_not_a_graph_module(compiled, tmp_path, make, fragment):
+    with pytest.raises(fxquant.FxquantError, match=fragment + "; expected the GraphModule returned by fxquant.compile"):
+        fxquant.save(make(compiled), tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
