@@ -126,6 +126,9 @@ def test_missing_backend_is_a_clean_error(monkeypatch, argv, missing):
     (["compile", "--model", "no/such/file.py:make", "--recipe", "w8a8-naive", "--out", "x"], "no such file"),
     (["export", "missing.safetensors", "--format", "pt2", "--out", "x.pt2"], "missing.safetensors: cannot read"),
     (["compile", "--model", BUILTIN, "--recipe", "w8a8-naive", "--calibration", "nope.pt", "--out", "x"], "no such file"),
+    (["compile", "--model", BUILTIN, "--recipe", "w8a8-naive", "--out", "/no/such/dir/x.safetensors"],
+     "compile --out: cannot write /no/such/dir/x.safetensors: the folder /no/such/dir does not exist"),
+    (["export", "missing.safetensors", "--format", "pt2", "--out", "/no/such/dir/x.pt2"], "/no/such/dir does not exist"),
 ])
 def test_errors_are_one_line_without_traceback(argv, fragment):
     rc, out, err = run(*argv, "--quiet")
