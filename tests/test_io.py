@@ -216,6 +216,12 @@ def test_metadata_that_disagrees_with_the_graph_is_caught(saved, tmp_path):
     _bad(dropped, "adaln_proj", "cond")
 
 
+def test_manifest_fields_of_the_wrong_type_with_consistent_digests(saved, tmp_path):
+    _bad(_rewrite(saved, tmp_path / "tv.safetensors", lambda m: m.pop("torch_version")), "'torch_version' is malformed")
+    bad = _rewrite(saved, tmp_path / "graph.safetensors", lambda m: m["branches"]["cond"]["graph"].update(extra=5))
+    _bad(bad, "'branches/cond/graph' is malformed")
+
+
 def test_missing_tensor(saved, tmp_path):
     bad = _rewrite(saved, tmp_path / "missing.safetensors", edit_tensors=lambda t: t.pop(Q_KEY))
     _bad(bad, Q_KEY, "missing")
