@@ -95,7 +95,7 @@ def export_program(gm: fx.GraphModule, example: Any = None) -> torch.export.Expo
         args, kwargs = trace.repeat_batch((args, kwargs))
     try:
         with torch.no_grad():
-            return torch.export.export(gm, args, kwargs, dynamic_shapes=trace._dynamic_shapes(gm, args, kwargs),
+            return torch.export.export(gm, args, kwargs, dynamic_shapes=trace.dynamic_shapes(gm, args, kwargs),
                                        strict=False)
     except Exception as e:  # noqa: BLE001 - re-raised with what was being exported
         raise FxquantError(f"export: torch.export failed on the lowered module: {type(e).__name__}: "

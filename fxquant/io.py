@@ -102,7 +102,7 @@ def save(model: Union[fx.GraphModule, Mapping[str, fx.GraphModule]], path: PathL
             seen.add(ptr)
             tensors[f"{name}/{kind}/{fqn}"] = t
             entries[f"{name}/{kind}/{fqn}"] = entry(kind, fqn, t)
-        manifest["branches"][name] = {"graph": grec.to_json(), "layers": {r.name: r.to_json() for _, r in recs},
+        manifest["branches"][name] = {"graph": grec.to_json(), "layers": {r.key: r.to_json() for _, r in recs},
                                       "schema_version": list(serde.SCHEMA_VERSION), "tensors": entries}
     text = json.dumps(manifest, sort_keys=True)
     digested = json.dumps(digests(json.loads(text)), sort_keys=True)
@@ -178,7 +178,7 @@ def _build(path: str, name: str, br: dict[str, Any], tensors: dict[str, torch.Te
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise FormatError(f"{path}: tensor '{name}/program': torch {torch.__version__} cannot deserialize the program "
                           f"(saved with torch {saved_with}): {type(e).__name__}: {first}") from e
-    found = {r.name: r.to_json() for _, r in meta.records(gm)}
+    found = {r.key: r.to_json() for _, r in meta.records(gm)}
     for layer in sorted(found.keys() | br["layers"].keys()):
         if found.get(layer) != br["layers"].get(layer):
             raise FormatError(f"{path}: metadata of layer {layer!r} (branch {name!r}) disagrees with the saved graph")

@@ -150,7 +150,7 @@ class GraphRecord:
     num_calibration: int = 0  # (collect_stats)
     extra: tuple[tuple[str, Any], ...] = ()
     timesteps: tuple[float, ...] = ()  # distinct calibration timesteps, in denoising order (collect_stats)
-    example_inputs: Optional[dict[str, Any]] = None  # shapes/dtypes of the tracing example, io.describe_inputs (compile)
+    example_inputs: Optional[dict[str, Any]] = None  # shapes/dtypes of the tracing example, export.describe_inputs (compile)
 
     def to_json(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "branch": self.branch, "spearman_rho": self.spearman_rho,

@@ -62,7 +62,7 @@ def repeat_batch(tree: Any) -> Any:
     )
 
 
-def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     """Specs keyed like the bound arguments of ``model.forward``, as torch.export wants them."""
 
     def spec(t: Any) -> Any:
@@ -115,7 +115,7 @@ def trace(model: torch.nn.Module, example: Any) -> fx.GraphModule:
     try:
         model.eval()
         with torch.no_grad():
-            ep = torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_shapes(model, args, kwargs), strict=False)
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes(model, args, kwargs), strict=False)
     except Exception as e:  # noqa: BLE001 - re-raised with the module that failed
         where = stack[-1] if stack else f"<root {type(model).__name__}>"
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

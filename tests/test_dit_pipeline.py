@@ -47,3 +47,13 @@ def test_compile_on_recorded_inputs(recorded, recipe, scheme, bound):
     with torch.no_grad():
         ref, out = pipe.transformer(**rec[3]).sample, gm(**rec[3]).sample  # a held-out step
     assert rel_err(out, ref) < bound
+
+
+def test_save_and_load_with_a_module_called_twice(recorded, tmp_path):
+    pipe, rec = recorded
+    gm = fxquant.compile(pipe.transformer, "int8-w8a8", calibration=list(rec)[:3])
+    fxquant.save(gm, tmp_path / "dit.safetensors")
+    loaded = fxquant.load(tmp_path / "dit.safetensors")
+    assert [r.name for r in fxquant.summary(loaded).rows] == [r.name for r in fxquant.summary(gm).rows]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**rec[3]).sample, gm(**rec[3]).sample, rtol=0, atol=0)
