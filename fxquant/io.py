@@ -36,10 +36,8 @@ from torch._export.serde import serialize as serde
 from . import meta
 from .errors import FormatError, FxquantError
 from .export import PathLike, export_program, fspath, writable
-# Also importable from here, where they used to live (api.py and older callers import them from io).
-from .export import describe_inputs, example_from, save_pt2  # noqa: F401
 from .manifest import (DIGESTS_KEY, FORMAT, FORMAT_VERSION, MANIFEST_KEY, SAFETENSORS_DTYPE, SINGLE, check_manifest,
-                       digests, entry, find_entry, read_header, read_manifest, sha256, version)  # noqa: F401
+                       digests, entry, find_entry, read_header, sha256, version)
 
 
 def save(model: Union[fx.GraphModule, Mapping[str, fx.GraphModule]], path: PathLike, example: Any = None) -> None:
