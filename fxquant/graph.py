@@ -8,7 +8,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.fx as fx
 
-from .errors import PassError
+from .errors import CalibrationError, PassError
+from .trace import as_args_kwargs
 
 LINEAR = torch.ops.aten.linear.default
 
@@ -123,3 +124,39 @@ def finalize(gm: fx.GraphModule) -> None:
     remove_unused_attrs(gm)
     gm.graph.lint()
     gm.recompile()
+
+
+def graph_inputs(gm: fx.GraphModule, item: Any, where: str, who: str) -> list[Any]:
+    """One calibration item (dict of keyword arguments or tuple of positional ones) -> the traced
+    graph's flat placeholder values, in the order of its input spec (``gm._in_spec``).
+
+    Raises:
+        CalibrationError: the item has another form than the tracing example.
+    """
+    args, kwargs = as_args_kwargs(item, where)
+    spec = gm._in_spec
+    keys = list(spec.child(1).context) if spec.num_children == 2 else []
+    if set(kwargs) == set(keys):
+        kwargs = {k: kwargs[k] for k in keys}  # the spec is order-sensitive, calls are not
+    flat, got = torch.utils._pytree.tree_flatten((args, kwargs))
+    if got != spec:
+        raise CalibrationError(
+            f"{who}: {where} has {len(args)} positional argument(s) and keywords {sorted(kwargs)}, but the "
+            f"module was traced on calibration[0] with {spec.child(0).num_children} positional argument(s) and "
+            f"keywords {sorted(keys)}; give every calibration input the same form")
+    return flat
+
+
+class Watch(fx.Interpreter):
+    """Runs the graph and hands each watched node's value to ``on_value(node, value)`` as soon as
+    it is computed (analysis passes observe activations this way; the graph is not changed)."""
+
+    def __init__(self, gm: fx.GraphModule, nodes: set[fx.Node], on_value: Callable[[fx.Node, Any], None]) -> None:
+        super().__init__(gm)
+        self.nodes, self.on_value = nodes, on_value
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n in self.nodes:
+            self.on_value(n, out)
+        return out

@@ -200,8 +200,8 @@ def _import_output_types(sp: Any) -> None:
             for c in spec.get("children_spec", ()):
                 walk(c)
 
-    for entry in sp.graph_module.module_call_graph:
-        sig = entry.signature
+    for call in sp.graph_module.module_call_graph:
+        sig = call.signature
         for s in (sig.in_spec, sig.out_spec) if sig is not None else ():
             try:
                 walk(json.loads(s)[1])

@@ -15,7 +15,7 @@ import enum
 import fnmatch
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from .errors import RecipeError

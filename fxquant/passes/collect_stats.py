@@ -31,9 +31,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
-from .. import meta
+from .. import graph, meta
 from ..calibrate import timestep_of
 from ..errors import CalibrationError, FxquantError, PassError
 from ..trace import as_args_kwargs
@@ -110,33 +109,10 @@ class _Progress:
             sys.stderr.flush()
 
 
-class _Observer(fx.Interpreter):
-    """Runs the graph and hands each linear's input to ``observe(node, x)`` before the linear."""
-
-    def __init__(self, gm: fx.GraphModule, linears: dict[fx.Node, str], observe: Any) -> None:
-        super().__init__(gm)
-        self.linears, self.observe = linears, observe
-
-    def run_node(self, n: fx.Node) -> Any:
-        if n in self.linears:
-            self.observe(n, self.env[n.args[0]])
-        return super().run_node(n)
-
-
 def flat_inputs(gm: fx.GraphModule, item: Any, where: str) -> tuple[list[Any], Optional[float]]:
     """One calibration item -> (the graph's flat placeholder values, its timestep or None)."""
     args, kwargs = as_args_kwargs(item, where)
-    spec = gm._in_spec
-    keys = list(spec.child(1).context) if spec.num_children == 2 else []
-    if set(kwargs) == set(keys):
-        kwargs = {k: kwargs[k] for k in keys}  # the spec is order-sensitive, calls are not
-    flat, got = pytree.tree_flatten((args, kwargs))
-    if got != spec:
-        raise CalibrationError(
-            f"collect_stats: {where} has {len(args)} positional argument(s) and keywords {sorted(kwargs)}, but the "
-            f"module was traced on calibration[0] with {spec.child(0).num_children} positional argument(s) and "
-            f"keywords {sorted(keys)}; give every calibration input the same form")
-    return flat, timestep_of(gm.forward, args, kwargs, where)
+    return graph.graph_inputs(gm, item, where, "collect_stats"), timestep_of(gm.forward, args, kwargs, where)
 
 
 def _first_line(e: BaseException) -> str:
@@ -197,7 +173,10 @@ class CollectStats(FxquantPass):
             channel[node] = torch.maximum(channel[node], cmax) if node in channel else cmax
 
         device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-        interp = _Observer(gm, linears, observe)
+        readers: dict[fx.Node, list[fx.Node]] = {}  # a linear's input node -> the linears reading it
+        for node in linears:
+            readers.setdefault(node.args[0], []).append(node)
+        interp = graph.Watch(gm, set(readers), lambda x_node, x: [observe(n, x) for n in readers[x_node]])
         progress = _Progress(len(self.calibration), self.label)
         for i, item in enumerate(self.calibration):
             flat, t = flat_inputs(gm, item, f"calibration[{i}]")

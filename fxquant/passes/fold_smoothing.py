@@ -26,7 +26,6 @@ output error on calibration activations (`fxquant.ops` quantizers).
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -34,10 +33,9 @@ import torch
 import torch.fx as fx
 
 from .. import graph, meta
-from ..errors import CalibrationError, PassError, RecipeError
+from ..errors import PassError, RecipeError
 from ..fold_targets import FoldFinder
 from ..smoothing import Fold, ParamFold, apply_param_fold, overlapping, search_alpha, smoothing_vector
-from ..trace import as_args_kwargs, batch_of, repeat_batch
 from .base import FxquantPass, PassResult, require_records
 
 
@@ -196,39 +194,21 @@ class FoldSmoothing(FxquantPass):
         """Up to ``search_tokens`` evenly spaced input rows of each group, over the calibration set."""
         examples = list(self.calibration or ())
         per = max(1, -(-self.options.search_tokens // max(1, len(examples))))
-        cap = _Capture(gm, set(wanted), per)
-        sig = inspect.signature(gm.forward)
+        rows: dict[fx.Node, list[torch.Tensor]] = {n: [] for n in wanted}
+
+        def keep(n: fx.Node, out: Any) -> None:
+            if isinstance(out, torch.Tensor) and out.numel():
+                x2d = out.detach().reshape(-1, out.shape[-1]).float()
+                idx = torch.linspace(0, x2d.shape[0] - 1, min(per, x2d.shape[0])).round().long()
+                rows[n].append(x2d[idx])
+
+        watch = graph.Watch(gm, set(wanted), keep)
         device = next((p.device for p in gm.parameters()), torch.device("cpu"))
         for i, ex in enumerate(examples):
-            args, kwargs = as_args_kwargs(ex, f"calibration[{i}]")
-            if batch_of(args, kwargs) == 1:  # as trace does: export specialises a batch of 1
-                args, kwargs = repeat_batch((args, kwargs))
-            args, kwargs = torch.utils._pytree.tree_map(
-                lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, (args, kwargs))
-            try:
-                bound = sig.bind(*args, **kwargs)
-            except TypeError as e:
-                raise CalibrationError(f"{self.name}: calibration[{i}] does not match the traced signature {sig}: {e}") from None
+            flat = graph.graph_inputs(gm, ex, f"calibration[{i}]", self.name)
             with torch.no_grad():
-                cap.run(*bound.args)
-        return {n: torch.cat(rows)[: self.options.search_tokens] for n, rows in cap.rows.items() if rows}
-
-
-class _Capture(fx.Interpreter):
-    """Runs the graph and keeps a few rows of selected nodes' outputs (analysis only)."""
-
-    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node], per_example: int) -> None:
-        super().__init__(gm)
-        self.wanted, self.per = wanted, per_example
-        self.rows: dict[fx.Node, list[torch.Tensor]] = {n: [] for n in wanted}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if n in self.wanted and isinstance(out, torch.Tensor) and out.numel():
-            x2d = out.detach().reshape(-1, out.shape[-1]).float()
-            idx = torch.linspace(0, x2d.shape[0] - 1, min(self.per, x2d.shape[0])).round().long()
-            self.rows[n].append(x2d[idx])
-        return out
+                watch.run(*[v.to(device) if isinstance(v, torch.Tensor) else v for v in flat])
+        return {n: torch.cat(r)[: self.options.search_tokens] for n, r in rows.items() if r}
 
 
 def _weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:

@@ -9,7 +9,7 @@ from fxquant.graph import LINEAR
 from fxquant.passes.find_linears import FindLinears
 from fxquant.trace import trace
 
-from .util import TwoLinears, count, traced
+from .util import count, traced
 
 
 def test_records_every_linear_and_leaves_graph_alone():
