@@ -125,8 +125,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:  # noqa: BLE001 - every failure becomes one line (or a traceback on request)
         if show_tb:
             traceback.print_exc()
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        from .errors import FxquantError
+        from .errors import FxquantError, first_line
+
+        msg = first_line(e)
 
         kind = "" if isinstance(e, (CliError, FxquantError)) else f"{type(e).__name__}: "
         print(f"fxquant: error: {kind}{msg}", file=sys.stderr)

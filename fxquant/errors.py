@@ -5,6 +5,18 @@ class FxquantError(Exception):
     """Base class of every error fxquant raises on purpose."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message ("" if it has none), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def describe(e: BaseException) -> str:
+    """``"TypeName: first line"`` (or just the type name) of a foreign exception we re-raise."""
+    line = first_line(e)
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
 class RecipeError(FxquantError, ValueError):
     """A recipe has an unknown key, a bad value, or a rule that matches no layer."""
 

@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from . import meta, trace
-from .errors import FormatError, FxquantError
+from .errors import FormatError, FxquantError, describe
 
 PathLike = Union[str, "os.PathLike[str]"]
 # The dtypes an example input may be rebuilt with: those the fxquant artifact can store.
@@ -98,8 +98,7 @@ def export_program(gm: fx.GraphModule, example: Any = None) -> torch.export.Expo
             return torch.export.export(gm, args, kwargs, dynamic_shapes=trace.dynamic_shapes(gm, args, kwargs),
                                        strict=False)
     except Exception as e:  # noqa: BLE001 - re-raised with what was being exported
-        raise FxquantError(f"export: torch.export failed on the lowered module: {type(e).__name__}: "
-                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+        raise FxquantError(f"export: torch.export failed on the lowered module: {describe(e)}") from e
 
 
 def save_pt2(gm: fx.GraphModule, path: PathLike, example: Any = None) -> None:

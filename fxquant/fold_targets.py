@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from .channel_dims import norm_dim as _norm_dim, val as _val, view_input_dims
+from . import graph
 from .smoothing import Fold, ParamFold, overlapping
 
 aten = torch.ops.aten
@@ -71,7 +72,7 @@ class FoldFinder:
         self._tensor: dict[str, int] = {}
         for n in gm.graph.nodes:
             if n.op == "get_attr":
-                t = _attr(gm, str(n.target))
+                t = graph.get_attr(gm, str(n.target))
                 key = id(t)
                 self._tensor[str(n.target)] = key
                 readers[key] = readers.get(key, 0) + 1
@@ -210,7 +211,7 @@ class FoldFinder:
         target = str(n.target)
         if target in self.frozen or self._readers.get(self._tensor.get(target, -1), 0) != 1 or len(n.users) != 1:
             return None
-        if not isinstance(_attr(self.gm, target), torch.Tensor):
+        if not isinstance(graph.get_attr(self.gm, target), torch.Tensor):
             return None
         return [ParamFold(target, dims, start, shift, self.c)], [kind], [_module_of(target)]
 
@@ -247,12 +248,3 @@ class FoldFinder:
         if fw is None or fb is None:
             return None
         return fw[0] + fb[0], ["norm"], [_module_of(str(w.target))]
-
-
-def _attr(gm: torch.nn.Module, target: str):
-    owner, _, leaf = target.rpartition(".")
-    try:
-        mod = gm.get_submodule(owner) if owner else gm
-    except AttributeError:
-        return None
-    return getattr(mod, leaf, None)

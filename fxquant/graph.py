@@ -128,7 +128,8 @@ def finalize(gm: fx.GraphModule) -> None:
 
 def graph_inputs(gm: fx.GraphModule, item: Any, where: str, who: str) -> list[Any]:
     """One calibration item (dict of keyword arguments or tuple of positional ones) -> the traced
-    graph's flat placeholder values, in the order of its input spec (``gm._in_spec``).
+    graph's flat placeholder values, in the order of its input spec (``gm._in_spec``), with tensors
+    moved to the module's device (calibration inputs are recorded on CPU).
 
     Raises:
         CalibrationError: the item has another form than the tracing example.
@@ -144,7 +145,8 @@ def graph_inputs(gm: fx.GraphModule, item: Any, where: str, who: str) -> list[An
             f"{who}: {where} has {len(args)} positional argument(s) and keywords {sorted(kwargs)}, but the "
             f"module was traced on calibration[0] with {spec.child(0).num_children} positional argument(s) and "
             f"keywords {sorted(keys)}; give every calibration input the same form")
-    return flat
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    return [v.to(device) if isinstance(v, torch.Tensor) else v for v in flat]
 
 
 class Watch(fx.Interpreter):

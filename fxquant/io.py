@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from torch._export.serde import serialize as serde
 
 from . import meta
-from .errors import FormatError, FxquantError
+from .errors import FormatError, FxquantError, describe
 from .export import PathLike, export_program, fspath, writable
 from .manifest import (DIGESTS_KEY, FORMAT, FORMAT_VERSION, MANIFEST_KEY, SAFETENSORS_DTYPE, SINGLE, check_manifest,
                        digests, entry, find_entry, read_header, sha256, version)
@@ -173,9 +173,8 @@ def _build(path: str, name: str, br: dict[str, Any], tensors: dict[str, torch.Te
         ep = serde.ExportedProgramDeserializer().deserialize(sp, state, constants, None)
         gm = ep.module()
     except Exception as e:  # noqa: BLE001 - a program torch cannot rebuild is a format problem here
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise FormatError(f"{path}: tensor '{name}/program': torch {torch.__version__} cannot deserialize the program "
-                          f"(saved with torch {saved_with}): {type(e).__name__}: {first}") from e
+                          f"(saved with torch {saved_with}): {describe(e)}") from e
     found = {r.key: r.to_json() for _, r in meta.records(gm)}
     for layer in sorted(found.keys() | br["layers"].keys()):
         if found.get(layer) != br["layers"].get(layer):

@@ -27,7 +27,7 @@ import torch.fx._pytree as fx_pytree
 from torch.export import Dim
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from .errors import CalibrationError, TraceError
+from .errors import CalibrationError, TraceError, describe
 
 
 def as_args_kwargs(example: Any, where: str = "calibration[0]") -> tuple[tuple, dict]:
@@ -118,8 +118,7 @@ def trace(model: torch.nn.Module, example: Any) -> fx.GraphModule:
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes(model, args, kwargs), strict=False)
     except Exception as e:  # noqa: BLE001 - re-raised with the module that failed
         where = stack[-1] if stack else f"<root {type(model).__name__}>"
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TraceError(f"cannot trace {type(model).__name__}: failed in module {where!r}: {type(e).__name__}: {msg}") from e
+        raise TraceError(f"cannot trace {type(model).__name__}: failed in module {where!r}: {describe(e)}") from e
     finally:
         for h in handles:
             h.remove()

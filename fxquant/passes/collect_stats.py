@@ -34,7 +34,7 @@ import torch.fx as fx
 
 from .. import graph, meta
 from ..calibrate import timestep_of
-from ..errors import CalibrationError, FxquantError, PassError
+from ..errors import CalibrationError, FxquantError, PassError, describe
 from ..trace import as_args_kwargs
 from .base import FxquantPass, PassResult, require_records
 
@@ -115,11 +115,6 @@ def flat_inputs(gm: fx.GraphModule, item: Any, where: str) -> tuple[list[Any], O
     return graph.graph_inputs(gm, item, where, "collect_stats"), timestep_of(gm.forward, args, kwargs, where)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
-
-
 def _describe_placeholders(gm: fx.GraphModule) -> str:
     parts = []
     for n in gm.graph.nodes:
@@ -172,7 +167,6 @@ class CollectStats(FxquantPass):
             cmax = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
             channel[node] = torch.maximum(channel[node], cmax) if node in channel else cmax
 
-        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
         readers: dict[fx.Node, list[fx.Node]] = {}  # a linear's input node -> the linears reading it
         for node in linears:
             readers.setdefault(node.args[0], []).append(node)
@@ -182,7 +176,6 @@ class CollectStats(FxquantPass):
             flat, t = flat_inputs(gm, item, f"calibration[{i}]")
             t = float(i) if t is None else t
             current.update(index=i, t=t, step=steps.setdefault(t, {}))
-            flat = [v.to(device) if isinstance(v, torch.Tensor) else v for v in flat]
             with torch.no_grad():
                 try:
                     interp.run(*flat)
@@ -191,7 +184,7 @@ class CollectStats(FxquantPass):
                 except Exception as e:  # noqa: BLE001 - a shape/dtype the traced graph cannot take
                     raise CalibrationError(
                         f"{self.name}: calibration[{i}] does not fit the module traced on calibration[0] "
-                        f"({_first_line(e)}); traced inputs: {_describe_placeholders(gm)}") from e
+                        f"({describe(e)}); traced inputs: {_describe_placeholders(gm)}") from e
             progress.step(i + 1)
 
         for node, name in linears.items():

@@ -203,11 +203,9 @@ class FoldSmoothing(FxquantPass):
                 rows[n].append(x2d[idx])
 
         watch = graph.Watch(gm, set(wanted), keep)
-        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
         for i, ex in enumerate(examples):
-            flat = graph.graph_inputs(gm, ex, f"calibration[{i}]", self.name)
             with torch.no_grad():
-                watch.run(*[v.to(device) if isinstance(v, torch.Tensor) else v for v in flat])
+                watch.run(*graph.graph_inputs(gm, ex, f"calibration[{i}]", self.name))
         return {n: torch.cat(r)[: self.options.search_tokens] for n, r in rows.items() if r}
 
 
