@@ -61,6 +61,7 @@ class Selection:
 
     kind: str  # "quantize" | "protected" | "skipped"
     reason: str = ""
+    by: str = ""  # what decided it: "rule" | "top_k" ("" for quantize)
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ def _color(sel: dict[str, Any]) -> str:
         return COLORS["quantized"]
     if kind == "skipped":
         return COLORS["skipped"]
-    return COLORS["protected: top-k" if sel.get("reason", "").startswith("fragility rank") else "protected: rule"]
+    return COLORS["protected: top-k" if sel.get("by") == "top_k" else "protected: rule"]
 
 
 def _plot_ladder(ladder: Ladder, title: str, path: str) -> None:

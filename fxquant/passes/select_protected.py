@@ -68,7 +68,7 @@ class SelectProtected(FxquantPass):
         for node, rec in recs:
             sel = by_rule[rec.name]
             if sel is None and rec.name in top:
-                sel = meta.Selection("protected", f"fragility rank {rec.fragility.rank} of {len(recs)} (top {k})")
+                sel = meta.Selection("protected", f"fragility rank {rec.fragility.rank} of {len(recs)} (top {k})", by="top_k")
             meta.update(node, selection=sel or meta.Selection("quantize"))
         return PassResult(gm, False)
 
@@ -76,5 +76,5 @@ class SelectProtected(FxquantPass):
 def _first_match(rules: tuple[LayerRule, ...], name: str, kind: str) -> meta.Selection | None:
     for rule in rules:
         if rule.matches(name):
-            return meta.Selection(kind, f"matches {'skip' if kind == 'skipped' else 'protect'} rule {rule.pattern!r}")
+            return meta.Selection(kind, f"matches {'skip' if kind == 'skipped' else 'protect'} rule {rule.pattern!r}", by="rule")
     return None

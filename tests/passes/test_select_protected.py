@@ -17,6 +17,7 @@ def test_rules_and_default():
     res = SelectProtected(SelectOptions(protect=(LayerRule("fc2"),)))(gm)
     assert res.modified is False
     assert kinds(gm) == {"fc1": ("quantize", ""), "fc2": ("protected", "matches protect rule 'fc2'")}
+    assert [r.selection.by for _, r in meta.records(gm)] == ["", "rule"]
 
 
 def test_skip_wins_over_protect():
@@ -38,6 +39,7 @@ def test_top_k_by_fragility_rank():
         meta.update(node, fragility=meta.Fragility(score=float(10 - rank), rank=rank))
     SelectProtected(SelectOptions(top_k=1))(gm)
     assert kinds(gm)["fc2"] == ("protected", "fragility rank 1 of 2 (top 1)")
+    assert {r.name: r.selection.by for _, r in meta.records(gm)} == {"fc1": "", "fc2": "top_k"}
     assert kinds(gm)["fc1"][0] == "quantize"
 
 
