@@ -33,6 +33,7 @@ import torch.fx as fx
 from . import codecs, graph, meta
 from .passes.lower_gguf import QWEIGHT_SUFFIX
 from .errors import FormatError, FxquantError
+from .export import writable
 
 LINEAR_GGUF = "fxquant::linear_gguf"
 FLOAT_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -215,7 +216,7 @@ def save_gguf(gm_or_dict: Union[fx.GraphModule, Mapping[str, fx.GraphModule]],
             raise FxquantError(f"save_gguf: branch names {bad} cannot be file names")
         os.makedirs(path, exist_ok=True)
         return {b: _write_one(g, os.path.join(path, f"{b}.gguf")) for b, g in gm_or_dict.items()}
-    return _write_one(gm_or_dict, os.fspath(path))
+    return _write_one(gm_or_dict, writable(path, "save_gguf"))
 
 
 def gguf_metadata(path: Union[str, "os.PathLike[str]"]) -> dict[str, Any]:

@@ -140,6 +140,9 @@ def test_bad_inputs(tmp_path):
         gguf_metadata(tmp_path / "junk.gguf")
     with pytest.raises(FxquantError, match="cannot be file names"):
         save_gguf({"a/b": w8}, tmp_path / "d")
+    q8 = fxquant.compile(m, "q8_0", calibration=[(torch.randn(2, 3, 64),)])
+    with pytest.raises(FormatError, match=r"save_gguf: cannot write .*no/such/x\.gguf: the folder .* does not exist"):
+        save_gguf(q8, tmp_path / "no" / "such" / "x.gguf")
 
 
 # ------------------------------------------------------------------ diffusers
