@@ -6,9 +6,9 @@ from .calibrate import record_inputs
 from .ladder import Ladder, LadderPoint, protection_ladder
 from .errors import (CalibrationError, FormatError, FxquantError, PassError, RecipeError,
                      TraceError)
-from .export import export_program, save_pt2
-from .io import load, save
-from .gguf_export import GGUFReport, save_gguf
+from .artifacts.export import export_program, save_pt2
+from .artifacts.io import load, save
+from .artifacts.gguf import GGUFReport, save_gguf
 from .report import report
 from .recipe import ActivationScheme, LayerRule, MisalignedPolicy, Recipe, WeightScheme
 

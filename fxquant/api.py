@@ -19,7 +19,7 @@ import torch.fx as fx
 from . import meta, pipeline
 from .errors import CalibrationError, FxquantError
 from .recipe import Recipe, resolve
-from .export import describe_inputs
+from .artifacts.export import describe_inputs
 from .trace import check_calibration, trace
 
 RecipeLike = Union[Recipe, str, "os.PathLike[str]"]

@@ -1,7 +1,7 @@
 """The bodies of the ``fxquant`` commands (argument parsing and the entry point are `cli.py`).
 
     compile   --model, --branches -> nn.Module(s); --calibration -> inputs; fxquant.compile -> fxquant.save
-    inspect   fxquant.manifest.read_manifest + fxquant.load -> metadata and fxquant.summary on stdout
+    inspect   fxquant.artifacts.manifest.read_manifest + fxquant.load -> metadata and fxquant.summary on stdout
     export    fxquant.load -> fxquant.save_pt2 / fxquant.save_gguf, one file per branch
     report    fxquant.load -> fxquant.report
 
@@ -115,7 +115,7 @@ def _calibration(args: argparse.Namespace, model: Any, progress: Progress) -> An
 
 def cmd_compile(args: argparse.Namespace, progress: Progress) -> None:
     import fxquant
-    from .export import writable
+    from .artifacts.common import writable
 
     writable(args.out, "compile --out")  # before minutes of compiling, not after
     recipe = fxquant.recipe.resolve(args.recipe)
@@ -166,7 +166,7 @@ def _per_branch(out: str, branch: str, several: bool) -> str:
 
 def cmd_inspect(args: argparse.Namespace, progress: Progress) -> None:
     import fxquant
-    from .manifest import read_manifest
+    from .artifacts.manifest import read_manifest
 
     m = read_manifest(args.path)
     loaded = _load(args.path, progress)
@@ -182,7 +182,7 @@ def cmd_inspect(args: argparse.Namespace, progress: Progress) -> None:
 
 def cmd_export(args: argparse.Namespace, progress: Progress) -> None:
     import fxquant
-    from .export import writable
+    from .artifacts.common import writable
 
     if args.format == "gguf" and getattr(fxquant, "save_gguf", None) is None:
         raise CliError("--format gguf: this fxquant has no fxquant.save_gguf (GGUF export is not available)")

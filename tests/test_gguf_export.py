@@ -16,7 +16,7 @@ import torch
 
 import fxquant
 from fxquant.errors import FormatError, FxquantError
-from fxquant.gguf_export import gguf_metadata, save_gguf
+from fxquant.artifacts.gguf import gguf_metadata, save_gguf
 from fxquant.models import ideogram4_inputs, reduced_ideogram4
 
 gguf = pytest.importorskip("gguf")

@@ -17,8 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import fxquant
-from fxquant import export
-from fxquant import manifest as fmt
+from fxquant.artifacts import export
+from fxquant.artifacts import manifest as fmt
 from fxquant.models import ideogram4_inputs, ideogram4_trajectory, reduced_ideogram4
 
 W8A8 = torch.ops.fxquant.linear_w8a8.default

@@ -13,8 +13,8 @@ from fxquant import meta, pipeline
 from fxquant.models import ideogram4_inputs, ideogram4_trajectory, reduced_ideogram4
 from fxquant.graph import linear_nodes, module_name, set_parameter
 from fxquant.passes.fold_smoothing import FoldSmoothing
-from fxquant.fold_targets import FoldFinder
-from fxquant.smoothing import apply_param_fold
+from fxquant.passes.fold_smoothing.fold_targets import FoldFinder
+from fxquant.passes.fold_smoothing.smoothing import apply_param_fold
 from fxquant.trace import trace
 
 from .conftest import rel_err

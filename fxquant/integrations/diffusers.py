@@ -29,7 +29,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 
 from ..errors import FormatError
-from ..gguf_export import gguf_metadata
+from ..artifacts.gguf import gguf_metadata
 
 SUPPORTED = ("Ideogram4Transformer2DModel",)
 

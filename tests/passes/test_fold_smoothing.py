@@ -451,7 +451,7 @@ def test_non_finite_statistics_raise():
 
 
 def test_overlapping_regions_of_one_parameter():
-    from fxquant.smoothing import ParamFold, overlapping
+    from fxquant.passes.fold_smoothing.smoothing import ParamFold, overlapping
 
     scale, shift = ParamFold("mod.weight", (0,), 32), ParamFold("mod.weight", (0,), 0)
     assert not overlapping([scale, shift], 32)  # disjoint rows of one modulation linear

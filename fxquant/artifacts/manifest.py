@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from .errors import FormatError
-from .export import DTYPE_BY_NAME, DTYPES, PathLike, fspath
+from ..errors import FormatError
+from .common import DTYPE_BY_NAME, DTYPES, PathLike, fspath, version
 
 FORMAT = "fxquant"
 FORMAT_VERSION = 1
@@ -31,11 +31,6 @@ KINDS = ("program", "params", "buffers", "constants")
 # torch dtype -> the safetensors header's dtype code
 SAFETENSORS_DTYPE = dict(zip(DTYPES, ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")))
 
-
-def version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def entry(kind: str, fqn: str, t: torch.Tensor) -> dict[str, Any]:

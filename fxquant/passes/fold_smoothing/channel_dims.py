@@ -1,4 +1,4 @@
-"""Channel-dim bookkeeping through index-only ops, for `fxquant.fold_targets`' backward walk.
+"""Channel-dim bookkeeping through index-only ops, for `fold_targets`' backward walk.
 
 A smoothing vector scales the channels of a tensor; walking back from a linear's input, the walk
 must know which dims of each earlier tensor hold those channels:

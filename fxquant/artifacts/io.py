@@ -33,11 +33,13 @@ import torch.utils._pytree as pytree
 from safetensors import SafetensorError
 from torch._export.serde import serialize as serde
 
-from . import meta
-from .errors import FormatError, FxquantError, describe
-from .export import PathLike, export_program, fspath, writable
+from .. import meta
+from ..errors import FormatError, FxquantError, describe
+from .common import PathLike, fspath, writable
+from .export import export_program
 from .manifest import (DIGESTS_KEY, FORMAT, FORMAT_VERSION, MANIFEST_KEY, SAFETENSORS_DTYPE, SINGLE, check_manifest,
-                       digests, entry, find_entry, read_header, sha256, version)
+                       digests, entry, find_entry, read_header, sha256)
+from .common import version
 
 
 def save(model: Union[fx.GraphModule, Mapping[str, fx.GraphModule]], path: PathLike, example: Any = None) -> None:

@@ -3,7 +3,7 @@
 Linears reading the same tensor form a group (q/k/v, w1/w3) and share one vector
 s = max|X|^alpha / max|W|^(1-alpha) (per input channel, from ``stats.channel_max_abs``).
 Their weight columns are multiplied by s; 1/s goes to the first place that can take it
-(`fxquant.fold_targets.FoldFinder` walks back through channel-preserving ops):
+(`fold_targets.FoldFinder` walks back through channel-preserving ops):
 
     norm:    linear(rms_norm(h) * w_norm * (1+scale), W)   ->  linear(rms_norm(h) * (w_norm/s) * (1+scale), W*s)
     adaln:   linear(layer_norm(h) * (1 + mod(c)), W)       ->  mod rows W_m/s, bias (b_m + 1)/s - 1;  W*s
@@ -32,11 +32,11 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from .. import graph, meta
-from ..errors import PassError, RecipeError
-from ..fold_targets import FoldFinder
-from ..smoothing import Fold, ParamFold, apply_param_fold, overlapping, search_alpha, smoothing_vector
-from .base import FxquantPass, PassResult, require_records
+from ... import graph, meta
+from ...errors import PassError, RecipeError
+from .fold_targets import FoldFinder
+from .smoothing import Fold, ParamFold, apply_param_fold, overlapping, search_alpha, smoothing_vector
+from ..base import FxquantPass, PassResult, require_records
 
 
 @dataclass(frozen=True)

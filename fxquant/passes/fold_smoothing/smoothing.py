@@ -1,12 +1,12 @@
 """SmoothQuant vector math for `fxquant.passes.fold_smoothing`: the vector, the folds, the alpha search.
 
     s_j = max|X_j|^alpha / max|W_j|^(1-alpha)          `smoothing_vector` (clamped, guarded)
-    linear(x, W)  ->  linear(x / s, W * s)             1/s goes where `fxquant.fold_targets` finds room:
+    linear(x, W)  ->  linear(x / s, W * s)             1/s goes where `fold_targets` finds room:
     p  ->  (p + shift) / s - shift                     `apply_param_fold` over a `ParamFold` region
     alpha = argmin_a  |W8A8(x / s_a, W * s_a) - x W^T|  `search_alpha`, on calibration rows
 
 Where ``1/s`` can be folded (norm weights, adaLN rows, a preceding linear) is graph walking and
-lives in `fxquant.fold_targets`.
+lives in `fold_targets`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Sequence
 
 import torch
 
-from .errors import CalibrationError
-from .ops.w8a8 import quantize_act_per_token, quantize_weight_per_channel
+from ...errors import CalibrationError
+from ...ops.w8a8 import quantize_act_per_token, quantize_weight_per_channel
 
 # s is clamped to [1/MAX_SCALE, MAX_SCALE]: a channel that is (near) zero in the calibration data
 # must not blow a weight column up or down by many orders of magnitude.

@@ -9,7 +9,7 @@
     save_pt2(gm, "m.pt2") = torch.export.save(export_program(gm), "m.pt2")
 
 Only shapes and dtypes are kept, never values: non-strict export traces on fake tensors. The
-fxquant artifact (`fxquant.io.save`) stores the program this module produces.
+fxquant artifact (`fxquant.artifacts.io.save`) stores the program this module produces.
 """
 
 from __future__ import annotations
@@ -21,14 +21,10 @@ from typing import Any, Mapping, Union
 import torch
 import torch.fx as fx
 
-from . import meta, trace
-from .errors import FormatError, FxquantError, describe
+from .. import meta, trace
+from ..errors import FormatError, FxquantError, describe
+from .common import DTYPE_BY_NAME, PathLike, writable
 
-PathLike = Union[str, "os.PathLike[str]"]
-# The dtypes an example input may be rebuilt with: those the fxquant artifact can store.
-DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-          torch.int8, torch.uint8, torch.bool)
-DTYPE_BY_NAME = {str(d).removeprefix("torch."): d for d in DTYPES}
 
 
 def describe_inputs(example: Any) -> Any:
@@ -115,24 +111,3 @@ def save_pt2(gm: fx.GraphModule, path: PathLike, example: Any = None) -> None:
         torch.export.save(ep, path)
     except OSError as e:  # no permission, a full disk
         raise FormatError(f"save_pt2: cannot write {path}: {e.strerror or e}") from None
-
-
-def fspath(path: Any, who: str) -> str:
-    """``os.fspath`` that names the caller and what it was given instead of a bare TypeError."""
-    try:
-        return os.fspath(path)
-    except TypeError:
-        raise FxquantError(f"{who}: path must be a str or os.PathLike, got {type(path).__name__}") from None
-
-
-def writable(path: Any, who: str) -> str:
-    """`path` as a str, once it is known to name a file in an existing folder (checked before any
-    export, so that a wrong path fails at once)."""
-    path = fspath(path, who)
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise FormatError(f"{who}: cannot write {path}: it is a directory; give a file name")
-    if not os.path.isdir(folder):
-        # Not created: a mistyped path should fail, not leave a new tree of folders behind.
-        raise FormatError(f"{who}: cannot write {path}: the folder {folder} does not exist ({who} does not create folders)")
-    return path

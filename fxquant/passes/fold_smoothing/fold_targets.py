@@ -14,7 +14,7 @@ that dim (``chunk``/``slice`` of a modulation output) and an additive ``shift`` 
 from ``+ c``: a fold must turn ``p`` into ``(p + c) / s - c`` so that ``(1 + m) / s = 1 + m'``.
 It declines (returns None) at anything else: a tensor also read elsewhere, a nonlinearity, an op
 it does not know, a parameter read twice or belonging to a linear that must stay untouched.
-The vector math (and `ParamFold`, what a found fold changes) is in `fxquant.smoothing`.
+The vector math (and `ParamFold`, what a found fold changes) is in `smoothing`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from .channel_dims import norm_dim as _norm_dim, val as _val, view_input_dims
-from . import graph
+from ... import graph
 from .smoothing import Fold, ParamFold, overlapping
 
 aten = torch.ops.aten

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from . import codecs, graph, meta
-from .passes.lower_gguf import QWEIGHT_SUFFIX
-from .errors import FormatError, FxquantError
-from .export import writable
+from .. import codecs, graph, meta
+
+from ..errors import FormatError, FxquantError
+from .common import version, writable
 
 LINEAR_GGUF = "fxquant::linear_gguf"
 FLOAT_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -90,9 +90,10 @@ def _ggml(name: str) -> Any:
     return GGMLQuantizationType[name]
 
 
-def _quantized(gm: fx.GraphModule) -> dict[str, tuple[str, int]]:
-    """qweight buffer target -> (qtype, in_features), read from the op arguments (they survive re-export)."""
-    out: dict[str, tuple[str, int]] = {}
+def _quantized(gm: fx.GraphModule) -> dict[str, tuple[str, int, str]]:
+    """qweight buffer target -> (qtype, in_features, GGUF tensor name), read from the op arguments
+    (they survive re-export) and the layer record (the name is the float weight's state-dict key)."""
+    out: dict[str, tuple[str, int, str]] = {}
     for n in gm.graph.nodes:
         if not (n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
                 and n.target.namespace == "fxquant"):
@@ -103,7 +104,8 @@ def _quantized(gm: fx.GraphModule) -> dict[str, tuple[str, int]]:
             raise FxquantError(f"save_gguf: layer {where!r} is lowered to {n.target.name()}, which GGUF cannot store; "
                                "only q4_k / q8_0 recipes can be exported to .gguf")
         qweight, qtype, in_features = n.args[1], n.args[2], n.args[3]
-        out[str(qweight.target)] = (qtype, int(in_features))
+        name = f"{rec.name}.weight" if rec else str(qweight.target).rpartition(".")[0] + ".weight"
+        out[str(qweight.target)] = (qtype, int(in_features), name)
     return out
 
 
@@ -115,8 +117,7 @@ def _tensors(gm: fx.GraphModule) -> list[tuple[str, np.ndarray, Any, TensorEntry
     for key, t in gm.state_dict().items():
         t = t.detach().cpu().contiguous()
         if key in quant:
-            qtype, cols = quant[key]
-            name = key[: -len(QWEIGHT_SUFFIX)] + ".weight"
+            qtype, cols, name = quant[key]
             if t.dtype != torch.uint8 or t.ndim != 2 or t.shape[1] != codecs.row_bytes(qtype, cols):
                 raise FormatError(f"save_gguf: {key}: expected uint8 [rows, {codecs.row_bytes(qtype, cols)}] for "
                                   f"{qtype} with {cols} columns, got {t.dtype} {list(t.shape)}")
@@ -159,8 +160,6 @@ def _write_one(gm: fx.GraphModule, path: str) -> GGUFReport:
         import gguf
     except ImportError as e:  # an optional dependency: say which
         raise ImportError("save_gguf needs gguf-py: pip install 'fxquant[gguf]'") from e
-    from . import __version__
-
     tensors = _tensors(gm)
     linears = [{"name": r.name, "scheme": r.lowering.scheme if r.lowering else "float",
                 "selection": r.selection.kind if r.selection else "",
@@ -170,7 +169,7 @@ def _write_one(gm: fx.GraphModule, path: str) -> GGUFReport:
         w.add_type("model")
         w.add_name(extra["model_class"] + (f" ({g.branch})" if g.branch else ""))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_string("fxquant.version", __version__)
+        w.add_string("fxquant.version", version())
         w.add_string("fxquant.model_class", extra["model_class"])
         w.add_string("fxquant.recipe", json.dumps(g.recipe, sort_keys=True))
         w.add_string("fxquant.linears", json.dumps(linears))
