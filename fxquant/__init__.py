@@ -10,6 +10,8 @@ from .artifacts.export import export_program, save_pt2
 from .artifacts.io import load, save
 from .artifacts.gguf import GGUFReport, save_gguf
 from .report import report
+from .module import QuantizedModule
+from .integrations.pipeline import load_pipeline, quantize_pipeline, save_pipeline
 from .recipe import ActivationScheme, LayerRule, MisalignedPolicy, Recipe, WeightScheme
 
 __version__ = "0.1.0"
@@ -18,5 +20,6 @@ __all__ = [
     "compile", "summary", "Summary", "SummaryRow", "Recipe", "LayerRule", "WeightScheme", "ActivationScheme",
     "MisalignedPolicy", "FxquantError", "RecipeError", "TraceError", "CalibrationError", "PassError",
     "FormatError", "__version__", "save_gguf", "GGUFReport", "save", "load", "save_pt2", "export_program",
-    "record_inputs", "protection_ladder", "Ladder", "LadderPoint", "report",
+    "record_inputs", "protection_ladder", "Ladder", "LadderPoint", "report", "QuantizedModule",
+    "quantize_pipeline", "save_pipeline", "load_pipeline",
 ]

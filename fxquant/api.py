@@ -16,8 +16,10 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 import torch.fx as fx
 
-from . import meta, pipeline
-from .errors import CalibrationError, FxquantError
+from . import dtypes, meta, module, pipeline
+from .errors import CalibrationError, FxquantError, TraceError
+from .module import QuantizedModule
+from .signature import CallSpec
 from .recipe import Recipe, resolve
 from .artifacts.export import describe_inputs
 from .trace import check_calibration, trace
@@ -29,7 +31,7 @@ def compile(
     model: Union[torch.nn.Module, Mapping[str, torch.nn.Module]],
     recipe: RecipeLike,
     calibration: Union[Sequence[Any], Mapping[str, Sequence[Any]], None] = None,
-) -> Union[fx.GraphModule, dict[str, fx.GraphModule]]:
+) -> Union[QuantizedModule, dict[str, QuantizedModule]]:
     """Quantize a diffusion transformer into a lowered GraphModule (one per CFG branch).
 
     Args:
@@ -41,8 +43,9 @@ def compile(
             the same keys, so each branch is calibrated on the inputs it really sees.
 
     Returns:
-        A GraphModule with the module's call signature (or a dict of them). The input modules
-        are not modified.
+        A `QuantizedModule` (a ``torch.fx.GraphModule``) with the module's call signature, output
+        type, ``.config``, ``.dtype``, ``.device`` and ``.to()`` (or a dict of them). The input
+        modules are not modified.
 
     Raises:
         RecipeError, CalibrationError, TraceError, PassError.
@@ -69,20 +72,32 @@ def compile(
     return _compile_one(model, recipe, calibration, "")
 
 
-def _compile_one(model: torch.nn.Module, recipe: Recipe, calibration: Any, branch: str) -> fx.GraphModule:
+def _compile_one(model: torch.nn.Module, recipe: Recipe, calibration: Any, branch: str) -> QuantizedModule:
     where = f"calibration[{branch!r}]" if branch else "calibration"
     examples = check_calibration(calibration, where)
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
+    call = CallSpec.record(model, examples[0])
+    if call is not None:  # every item as the graph's keyword inputs; non-tensor arguments checked
+        examples = [call.canonical(x, f"{where}[{i}]") for i, x in enumerate(examples)]
     passes = pipeline.build(recipe, examples, branch)
     gm = trace(model, examples[0])
-    meta.set_graph_record(gm, meta.GraphRecord(recipe=recipe.to_dict(), branch=branch, extra=_model_facts(model),
+    marked = dtypes.mark(gm, model, examples[0])
+    facts = _model_facts(model) + (("call", call.to_json() if call else None),
+                                   ("compute_dtype", str(dtypes.compute_dtype(model)).removeprefix("torch.")),
+                                   ("dtype_marks", marked))
+    meta.set_graph_record(gm, meta.GraphRecord(recipe=recipe.to_dict(), branch=branch, extra=facts,
                                                 example_inputs=describe_inputs(examples[0])))
     with torch.no_grad():
-        return pipeline.run(gm, passes)
+        gm = module.adopt(pipeline.run(gm, passes))
+    module.set_config(gm, getattr(model, "config", None) if callable(getattr(model, "to_json_string", None)) else None)
+    return gm
 
 
 def _model_facts(model: torch.nn.Module) -> tuple[tuple[str, Any], ...]:
     """The source model's class and (for a diffusers ``ConfigMixin``) its JSON config, which
-    `save_gguf` records so a loader can rebuild the architecture without the original module."""
+    `save_gguf` records so a loader can rebuild the architecture without the original module,
+    and `fxquant.load` restores as the module's ``.config``."""
     facts: list[tuple[str, Any]] = [("model_class", type(model).__name__)]
     to_json = getattr(model, "to_json_string", None)
     if callable(to_json):

@@ -33,7 +33,7 @@ import torch.utils._pytree as pytree
 from safetensors import SafetensorError
 from torch._export.serde import serialize as serde
 
-from .. import meta
+from .. import meta, module
 from ..errors import FormatError, FxquantError, describe
 from .common import PathLike, fspath, writable
 from .export import export_program
@@ -186,7 +186,7 @@ def _build(path: str, name: str, br: dict[str, Any], tensors: dict[str, torch.Te
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise FormatError(f"{path}: metadata key 'branches/{name}/graph' is malformed ({type(e).__name__}: {e})") from None
     meta.set_graph_record(gm, grec)
-    return gm
+    return module.adopt(gm)
 
 
 def _import_output_types(sp: Any) -> None:
