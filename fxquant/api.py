@@ -83,9 +83,9 @@ def _compile_one(model: torch.nn.Module, recipe: Recipe, calibration: Any, branc
     passes = pipeline.build(recipe, examples, branch)
     gm = trace(model, examples[0])
     marked = dtypes.mark(gm, model, examples[0])
-    facts = _model_facts(model) + (("call", call.to_json() if call else None),
-                                   ("compute_dtype", str(dtypes.compute_dtype(model)).removeprefix("torch.")),
-                                   ("dtype_marks", marked))
+    facts = tuple(sorted(_model_facts(model) + (  # sorted: as the saved JSON reads back
+        ("call", call.to_json() if call else None), ("dtype_marks", marked),
+        ("compute_dtype", str(dtypes.compute_dtype(model)).removeprefix("torch.")))))
     meta.set_graph_record(gm, meta.GraphRecord(recipe=recipe.to_dict(), branch=branch, extra=facts,
                                                 example_inputs=describe_inputs(examples[0])))
     with torch.no_grad():
@@ -107,6 +107,7 @@ def _model_facts(model: torch.nn.Module) -> tuple[tuple[str, Any], ...]:
 
 # ---------------------------------------------------------------- summary
 
+NOT_QUANTIZED = ("float", "protected", "skipped")
 COLUMNS = ("name", "scheme", "in_features", "out_features", "bits_per_weight", "fragility", "rank", "smoothing", "reason")
 
 
@@ -142,6 +143,11 @@ class Summary:
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def num_quantized(self) -> int:
+        """Linears stored in a quantized scheme (not float, protected or skipped)."""
+        return sum(r.scheme not in NOT_QUANTIZED for r in self.rows)
+
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for r in self.rows:
@@ -168,6 +174,8 @@ class Summary:
         total_bytes = sum(r.weight_bytes or 0 for r in self.rows)
         counts = ", ".join(f"{v} {k}" for k, v in sorted(self.counts().items()))
         lines.append(f"{len(self.rows)} linears: {counts}; linear weights {total_bytes / 2**20:.2f} MiB")
+        if self.rows and self.num_quantized == 0:
+            lines.append("note: nothing is quantized: every linear is kept in float (the reason column says why)")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 

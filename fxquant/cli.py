@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--layers", type=int, help="layers of the built-in model (default 2)")
     c.add_argument("--steps", type=int, default=4, help="built-in calibration inputs per branch (default 4)")
     c.add_argument("--out", required=True, help="artifact path, e.g. model.safetensors")
+    c.add_argument("--allow-float", action="store_true",
+                   help="write the artifact even if the recipe quantizes no linear (otherwise that is an error)")
     c.set_defaults(func=cmd_compile)
 
     i = sub.add_parser("inspect", parents=[common], help="verify a saved artifact and print its summary",

@@ -66,13 +66,14 @@ def _factory(spec: str) -> Callable[..., Any]:
 def _models(args: argparse.Namespace, progress: Progress) -> Any:
     branches = [b for b in (args.branches or "").split(",") if b]
     if args.model == BUILTIN:
-        from .models import reduced_ideogram4
+        from .models import IDEOGRAM4_DEMO, reduced_ideogram4
 
-        layers = args.layers or 2
-        progress(f"building the reduced Ideogram 4 ({layers} layers, seeded random weights)")
+        cfg = {**IDEOGRAM4_DEMO, "num_layers": args.layers or IDEOGRAM4_DEMO["num_layers"]}
+        progress(f"building the reduced Ideogram 4 ({cfg['num_layers']} layers of width "
+                 f"{cfg['attention_head_dim'] * cfg['num_attention_heads']}, seeded random weights)")
         if not branches:
-            return reduced_ideogram4(seed=1, num_layers=layers)
-        return {b: reduced_ideogram4(seed=1 + i, num_layers=layers) for i, b in enumerate(branches)}
+            return reduced_ideogram4(seed=1, **cfg)
+        return {b: reduced_ideogram4(seed=1 + i, **cfg) for i, b in enumerate(branches)}
     if args.layers is not None:
         raise CliError("--layers applies to the built-in model only")
     fn = _factory(args.model)
@@ -89,12 +90,13 @@ def _calibration(args: argparse.Namespace, model: Any, progress: Progress) -> An
     if args.calibration is None:
         if args.model != BUILTIN:
             raise CliError("--calibration FILE is required with a model factory (a torch.save'd list of input dicts)")
-        from .models import ideogram4_trajectory
+        from .models import IDEOGRAM4_DEMO, ideogram4_trajectory
 
         progress(f"generating {args.steps} built-in calibration inputs per branch (a flow-matching trajectory)")
+        widths = dict(in_channels=IDEOGRAM4_DEMO["in_channels"], llm_features_dim=IDEOGRAM4_DEMO["llm_features_dim"])
         if names is None:
-            return ideogram4_trajectory(steps=args.steps, seed=10)
-        return {b: ideogram4_trajectory(steps=args.steps, seed=10 + i) for i, b in enumerate(names)}
+            return ideogram4_trajectory(steps=args.steps, seed=10, **widths)
+        return {b: ideogram4_trajectory(steps=args.steps, seed=10 + i, **widths) for i, b in enumerate(names)}
     if not os.path.isfile(args.calibration):
         raise CliError(f"--calibration {args.calibration!r}: no such file")
     try:
@@ -129,10 +131,20 @@ def cmd_compile(args: argparse.Namespace, progress: Progress) -> None:
     else:
         progress(f"compiling with recipe {recipe.name!r} ({len(calibration)} calibration inputs)")
         out = fxquant.compile(model, recipe, calibration=calibration)
+    summary = fxquant.summary(out)
+    if summary.num_quantized == 0 and not args.allow_float:
+        raise CliError(f"recipe {recipe.name!r} quantized none of the {len(summary)} linears ({_why_float(summary)}); "
+                       "nothing written. Use another recipe, or --allow-float to write the float module anyway")
     progress(f"saving {args.out}")
     fxquant.save(out, args.out)
-    counts = fxquant.summary(out).counts()
+    counts = summary.counts()
     progress(f"done: {', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}; {os.path.getsize(args.out) / 2**20:.2f} MiB")
+
+
+def _why_float(summary: Any) -> str:
+    """The reason of the first row as an example (e.g. a width below the Q4_K block)."""
+    first = next((r for r in summary.rows if r.reason), None)
+    return f"e.g. {first.name}: {first.reason}" if first is not None else "every linear is float"
 
 
 # ---------------------------------------------------------------- inspect / export / report

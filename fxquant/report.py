@@ -129,6 +129,19 @@ def _pyplot() -> Any:
     return plt
 
 
+def _counts_line(rows: list[dict[str, Any]]) -> str:
+    """How many linears each scheme holds, read from the lowering record (a linear the recipe
+    selected but whose width the block type cannot store is float too, and counted so)."""
+    schemes: dict[str, int] = {}
+    for r in rows:
+        s = r.get("lowering", {}).get("scheme", "float")
+        schemes[s] = schemes.get(s, 0) + 1
+    floats = schemes.pop("float", 0)
+    by = ", ".join(f"{v} {k}" for k, v in sorted(schemes.items()))
+    line = f"- quantized: {len(rows) - floats} of {len(rows)} linears{f' ({by})' if by else ''}; kept in float: {floats}"
+    return line + (" — nothing is quantized" if rows and floats == len(rows) else "")
+
+
 def _markdown(section: str, g: Optional[meta.GraphRecord], rows: list[dict[str, Any]], png: Optional[str]) -> list[str]:
     lines = [f"## {section}", ""]
     if g is not None:
@@ -136,8 +149,7 @@ def _markdown(section: str, g: Optional[meta.GraphRecord], rows: list[dict[str, 
                      f"timesteps (denoising order): {', '.join(f'{t:g}' for t in g.timesteps) or '-'}")
         rho = "-" if g.spearman_rho is None else f"{g.spearman_rho:.3f}"
         lines.append(f"- ranking stability, Spearman rho of early vs late half of the trajectory: {rho}")
-    kept = [r for r in rows if r.get("selection", {}).get("kind", "quantize") != "quantize"]
-    lines += [f"- kept in float: {len(kept)} of {len(rows)} linears", "",
+    lines += [_counts_line(rows), "",
               f"![fragility]({png})" if png else "No fragility scores: the recipe does not rank layers (protect_top_k = 0).", "",
               "| rank | linear | score | mean kurtosis | max abs | early/late rank | scheme | why | fed by |",
               "|---:|---|---:|---:|---:|---|---|---|---|"]

@@ -143,8 +143,9 @@ class CallSpec:
                     raise FxquantError(f"{self.model}: argument {name!r} is None, but the quantized graph was traced "
                                        "with a tensor there")
                 out[name] = named[name]
-            elif name in traced:
-                out[name] = traced[name]
+            elif name in traced:  # frozen at a value that is not the default: omitting it means the default
+                raise FxquantError(f"{self.model}: argument {name!r} is missing: the quantized graph was traced "
+                                   f"with {name}={traced[name]!r}, not its default; pass that value")
             else:
                 raise FxquantError(f"{self.model}: missing argument {name!r}")
         return out, return_dict

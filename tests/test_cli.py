@@ -163,3 +163,37 @@ def test_installed_entry_point():
     assert exe.exists(), "the fxquant console script is not installed (pip install -e .)"
     res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.startswith("usage: fxquant")
+
+
+def test_q4_k_on_the_builtin_model_quantizes_and_exports_gguf(tmp_path):
+    """The README's q4_k -> gguf flow: the built-in model's widths are whole Q4_K blocks."""
+    rc, _, err = run("compile", "--model", BUILTIN, "--layers", 1, "--steps", 1, "--recipe", "q4_k",
+                     "--out", tmp_path / "q4.safetensors")
+    assert rc == 0, err
+    counts = fxquant.summary(fxquant.load(tmp_path / "q4.safetensors")).counts()
+    assert counts.get("q4_k", 0) >= 13, counts  # all but input_proj (16 inputs) and the protected ones
+    rc, out, err = run("export", tmp_path / "q4.safetensors", "--format", "gguf", "--out", tmp_path / "q4.gguf")
+    assert rc == 0, err
+
+
+def test_a_recipe_that_quantizes_nothing_fails_unless_allowed(tmp_path):
+    d = tmp_path
+    (d / "narrow_mod.py").write_text(textwrap.dedent("""
+        from fxquant.models import reduced_ideogram4
+
+        def make():
+            return reduced_ideogram4(seed=7, num_layers=1)   # every width below one Q4_K block
+    """))
+    torch.save(ideogram4_trajectory(steps=1, seed=4, text_len=4, image_hw=(2, 2)), d / "calib.pt")
+    args = ["compile", "--model", "narrow_mod:make", "--recipe", "q4_k", "--calibration", d / "calib.pt",
+            "--out", d / "q4.safetensors", "--quiet"]
+    sys.path.insert(0, str(d))
+    try:
+        rc, out, err = run(*args)
+        assert rc == 1 and "quantized none of the 15 linears" in err and "--allow-float" in err
+        assert "not a multiple of the Q4_K block" in err and not (d / "q4.safetensors").exists()
+        rc, out, err = run(*args, "--allow-float")
+        assert rc == 0, err
+    finally:
+        sys.path.remove(str(d))
+    assert "nothing is quantized" in str(fxquant.summary(fxquant.load(d / "q4.safetensors")))

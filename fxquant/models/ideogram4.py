@@ -21,6 +21,14 @@ IDEOGRAM4_REDUCED: dict[str, Any] = dict(
     adaln_dim=64, llm_features_dim=96, rope_theta=10_000, mrope_section=(6, 5, 5),
 )
 
+# The command line's built-in model: every width but in_channels a multiple of 256, so Q4_K (256-wide
+# blocks) quantizes all linears but input_proj, as at Ideogram 4's real widths (IDEOGRAM4_REDUCED's
+# 128-wide layers are below one Q4_K block: a q4_k recipe would leave them all float).
+IDEOGRAM4_DEMO: dict[str, Any] = dict(
+    in_channels=16, num_layers=2, attention_head_dim=64, num_attention_heads=4, intermediate_size=768,
+    adaln_dim=256, llm_features_dim=256, rope_theta=10_000, mrope_section=(12, 10, 10),
+)
+
 TEXT_INDICATOR, IMAGE_INDICATOR = 3, 2  # diffusers' LLM_TOKEN_INDICATOR, OUTPUT_IMAGE_INDICATOR
 
 
