@@ -132,7 +132,7 @@ def cmd_compile(args: argparse.Namespace, progress: Progress) -> None:
         progress(f"compiling with recipe {recipe.name!r} ({len(calibration)} calibration inputs)")
         out = fxquant.compile(model, recipe, calibration=calibration)
     summary = fxquant.summary(out)
-    if summary.num_quantized == 0 and not args.allow_float:
+    if not summary.quantized and not args.allow_float:
         raise CliError(f"recipe {recipe.name!r} quantized none of the {len(summary)} linears ({_why_float(summary)}); "
                        "nothing written. Use another recipe, or --allow-float to write the float module anyway")
     progress(f"saving {args.out}")

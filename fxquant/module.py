@@ -77,7 +77,7 @@ class QuantizedModule(fx.GraphModule):
         if not hasattr(self, dtypes.BUFFER):  # not adopted yet (torch internals building the module)
             return super()._apply(fn, recurse)
         before, after = self.dtype, fn(torch.empty(0, dtype=self.dtype, device=self.device)).dtype
-        if after != before and dict(getattr(meta.graph_record(self), "extra", ())).get("dtype_marks") is False:
+        if after != before and getattr(meta.graph_record(self), "dtype_marks", None) is False:
             raise FxquantError(f"{type(self).__name__}: cannot change the compute dtype from {before} to {after}: "
                                "compile could not tell which of the graph's dtype constants follow the model's "
                                f"dtype; compile the model in {after} instead")
@@ -128,8 +128,7 @@ def _retype_record(gm: fx.GraphModule, before: torch.dtype, after: torch.dtype) 
             return [walk(v) for v in d]
         return d
 
-    extra = tuple((k, new if k == "compute_dtype" else v) for k, v in rec.extra)
-    meta.update_graph(gm, example_inputs=walk(rec.example_inputs), extra=extra)
+    meta.update_graph(gm, example_inputs=walk(rec.example_inputs), compute_dtype=new)
 
 
 def _instance_class() -> type:
@@ -152,13 +151,14 @@ def adopt(gm: fx.GraphModule, dtype: Optional[torch.dtype] = None) -> QuantizedM
         gm.__class__ = _instance_class()
         for name in ("train", "eval"):  # torch.export's module() makes both raise
             gm.__dict__.pop(name, None)
-    facts = dict(meta.graph_record(gm).extra) if meta.graph_record(gm) is not None else {}
-    if facts.get("call") is not None:
-        gm.meta[CALL] = CallSpec.from_json(facts["call"])
-    if facts.get("model_config") is not None and CONFIG not in gm.meta:
-        gm.meta[CONFIG] = _frozen(facts["model_config"])
+    rec = meta.graph_record(gm)
+    if rec is not None and rec.call is not None:
+        gm.meta[CALL] = CallSpec.from_json(rec.call)
+    if rec is not None and rec.model_config is not None and CONFIG not in gm.meta:
+        gm.meta[CONFIG] = _frozen(rec.model_config)
     if dtype is None:
-        dtype = getattr(torch, facts.get("compute_dtype", ""), None) or _first_float(gm)
+        dtype = getattr(torch, rec.compute_dtype, None) if rec is not None and rec.compute_dtype else None
+        dtype = dtype if isinstance(dtype, torch.dtype) else _first_float(gm)
     device = next((t.device for t in list(gm.parameters()) + list(gm.buffers())), torch.device("cpu"))
     dtypes.bind_compute(gm, dtype, device)
     gm.recompile()

@@ -125,14 +125,14 @@ def test_a_plain_module_has_no_config_and_frozen_non_tensor_arguments():
         gm(x)
 
 
-def test_summary_and_report_say_when_nothing_is_quantized(tmp_path):
+def test_summary_and_report_count_a_recipe_that_quantizes_nothing(tmp_path):
     m = Plain().eval()
     x = torch.randn(2, 8, 64)
     gm = fxquant.compile(m, "q4_k", calibration=[(x,)])  # 64 inputs: below one Q4_K block
     s = fxquant.summary(gm)
-    assert s.num_quantized == 0 and "nothing is quantized" in str(s)
+    assert s.quantized == 0 and "no linear is quantized" in str(s)
     md = open(fxquant.report(gm, tmp_path)["markdown"]).read()
-    assert "quantized: 0 of 1 linears; kept in float: 1 — nothing is quantized" in md
+    assert "float 1 of 1 linears; kept in float: 1;" in md
     q8 = fxquant.compile(m, "q8_0", calibration=[(x,)])
-    assert fxquant.summary(q8).num_quantized == 1
-    assert "quantized: 1 of 1 linears (1 q8_0); kept in float: 0\n" in open(fxquant.report(q8, tmp_path / "q8")["markdown"]).read()
+    assert fxquant.summary(q8).quantized == 1
+    assert "q8_0 1 of 1 linears; kept in float: 0;" in open(fxquant.report(q8, tmp_path / "q8")["markdown"]).read()
