@@ -39,9 +39,8 @@ class QuantizedModule(fx.GraphModule):
     @property
     def config(self) -> Any:
         cfg = self.meta.get(CONFIG)
-        if cfg is None:
-            raise AttributeError(f"{type(self).__name__} has no config: the source model recorded none "
-                                 "(it is not a diffusers ConfigMixin model)")
+        if cfg is None:  # (nn.Module.__getattr__ then raises the usual "has no attribute 'config'")
+            raise AttributeError("config")
         return cfg
 
     @property

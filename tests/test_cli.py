@@ -14,7 +14,7 @@ import torch
 
 import fxquant
 from fxquant.cli import BUILTIN, main
-from fxquant.models import ideogram4_inputs, ideogram4_trajectory
+from fxquant.models import IDEOGRAM4_DEMO, ideogram4_inputs, ideogram4_trajectory
 
 
 def run(*argv):
@@ -88,7 +88,7 @@ def test_export_pt2_one_branch(branches, tmp_path):
     assert rc == 0, err
     assert out.strip() == str(tmp_path / "u.pt2")
     module = torch.export.load(tmp_path / "u.pt2").module()
-    ex = ideogram4_inputs(batch=3, text_len=5, image_hw=(2, 3), seed=2)
+    ex = ideogram4_inputs(batch=3, text_len=5, image_hw=(2, 3), seed=2, llm_features_dim=IDEOGRAM4_DEMO["llm_features_dim"])
     with torch.no_grad():
         torch.testing.assert_close(module(**ex).sample, fxquant.load(branches[0])["uncond"](**ex).sample, rtol=0, atol=0)
 

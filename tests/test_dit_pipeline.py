@@ -57,3 +57,23 @@ def test_save_and_load_with_a_module_called_twice(recorded, tmp_path):
     assert [r.name for r in fxquant.summary(loaded).rows] == [r.name for r in fxquant.summary(gm).rows]
     with torch.no_grad():
         torch.testing.assert_close(loaded(**rec[3]).sample, gm(**rec[3]).sample, rtol=0, atol=0)
+
+
+def test_quantize_pipeline_with_one_transformer(recorded):
+    """`quantize_pipeline` on a single-transformer pipeline (pipe.transformer), every 2nd step."""
+    import copy
+
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    pipe, _ = recorded
+    run = dict(num_inference_steps=4, guidance_scale=4.0, output_type="np")
+    quant = DiTPipeline(transformer=copy.deepcopy(pipe.transformer), vae=pipe.vae, scheduler=DDIMScheduler(),
+                        id2label={0: "cat", 1: "dog"})
+    quant.set_progress_bar_config(disable=True)
+    q = fxquant.quantize_pipeline(quant, "int8-w8a8", prompts=[[1], [0]], step_stride=2, **run)
+    assert list(q) == ["transformer"] and quant.transformer is q["transformer"]
+    assert isinstance(quant.transformer, fxquant.QuantizedModule) and quant.transformer.config.num_layers == 1
+    assert fxquant.meta.graph_record(q["transformer"]).num_calibration == 4  # steps 0 and 2 of two runs
+    ref = pipe([1], generator=torch.Generator().manual_seed(0), **run).images
+    out = quant([1], generator=torch.Generator().manual_seed(0), **run).images
+    assert rel_err(torch.from_numpy(out), torch.from_numpy(ref)) < 0.05

@@ -117,7 +117,7 @@ def test_a_plain_module_has_no_config_and_frozen_non_tensor_arguments():
     m = Plain().eval()
     x = torch.randn(2, 8, 64)
     gm = fxquant.compile(m, "w8a8-naive", calibration=[(x, 2.0)])
-    with pytest.raises(AttributeError, match="no config"):
+    with pytest.raises(AttributeError, match="config"):  # a plain model has none
         gm.config
     with torch.no_grad():
         torch.testing.assert_close(gm(x, scale=2.0), m(x, 2.0), rtol=0.05, atol=0.05)

@@ -89,6 +89,19 @@ def test_q8_0_through_gguf(tmp_path):
     assert 55 < tp.psnr(via_gguf, direct)
 
 
+def test_model_cpu_offload_hooks(quantized):
+    """accelerate's offload hooks wrap each component's forward and move it before every call (here
+    to the CPU: no accelerator in CI; the device constants of the graph follow either way)."""
+    pipe, _, _, _ = quantized
+    img = tp.image(pipe)
+    pipe.enable_model_cpu_offload(device="cpu")
+    try:
+        assert hasattr(pipe.transformer, "_hf_hook")
+        assert torch.equal(tp.image(pipe), img)
+    finally:
+        pipe.remove_all_hooks()
+
+
 def test_bfloat16_pipeline(quantized):  # last: the round trip to bfloat16 changes the float weights
     pipe, ref, _, _ = quantized
     pipe.to(torch.bfloat16)

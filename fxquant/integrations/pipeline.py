@@ -22,6 +22,7 @@ drops it from model_index.json): use `save_pipeline`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -86,7 +87,8 @@ def quantize_pipeline(pipe: Any, recipe: Any, prompts: Union[str, Sequence[str]]
     Args:
         pipe: a diffusers pipeline (``Ideogram4Pipeline``, ``FluxPipeline``, ``PixArtSigmaPipeline``, ...).
         recipe: as for `fxquant.compile` (a preset name, a `Recipe` or a recipe file).
-        prompts: the calibration prompts (a string is one prompt).
+        prompts: the calibration prompts (a string is one prompt); each is the pipeline's first
+            argument, so a class-conditional pipeline (DiT) takes lists of class labels here.
         num_inference_steps: denoising steps per prompt while calibrating.
         step_stride: record every ``step_stride``-th call of each transformer (1: every step).
         max_items: the most calibration inputs kept per transformer (evenly spread, see `record_inputs`).
@@ -105,15 +107,16 @@ def quantize_pipeline(pipe: Any, recipe: Any, prompts: Union[str, Sequence[str]]
         >>> fxquant.quantize_pipeline(pipe, "int8-w8a8", prompts=["a red bicycle"], num_inference_steps=8)  # doctest: +SKIP
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise CalibrationError("quantize_pipeline: prompts must be a non-empty list of strings")
+    if not prompts:
+        raise CalibrationError("quantize_pipeline: give at least one calibration prompt")
     if isinstance(step_stride, bool) or not isinstance(step_stride, int) or step_stride < 1:
         raise CalibrationError(f"quantize_pipeline: step_stride must be an integer >= 1, got {step_stride!r}")
     modules = transformers_of(pipe, components)
     for name, m in modules.items():
         if isinstance(m, QuantizedModule):
             raise FxquantError(f"quantize_pipeline: {type(pipe).__name__}.{name} is already quantized")
-    call_kwargs.setdefault("output_type", "latent")  # the VAE decode calibrates nothing
+    if "output_type" in inspect.signature(type(pipe).__call__).parameters:
+        call_kwargs.setdefault("output_type", "latent")  # the VAE decode calibrates nothing
     call_kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
     recorded = record_pipeline(pipe, modules, prompts, max_items, step_stride,
                                num_inference_steps=num_inference_steps, **call_kwargs)
