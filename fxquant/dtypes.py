@@ -22,6 +22,15 @@ The buffer is cast and moved by ``.to()`` like any float buffer, so the graph fo
 being rewritten again (and a forward captured by an offload hook stays valid).
 ``aten._assert_tensor_metadata`` nodes (checks that inputs have the traced dtype and device) are
 removed: after ``.to()`` they would check the old ones.
+
+The probe uses a dtype of the same kind (float32 / float64, bfloat16 / float16), because models
+branch on half versus full precision: diffusers' RMSNorm casts to its weight's dtype only for
+float16 / bfloat16, so a graph traced in float32 lacks that cast. After ``.to()`` changes the kind,
+`legalize` runs the graph on fake tensors and inserts, before each float matmul whose operands
+disagree, the cast to the weight's dtype the model's own code would have made:
+
+    float32 graph, .to(bfloat16):  linear(norm_out_f32, w_bf16)
+                               ->  linear(to.dtype(norm_out_f32, dt), w_bf16)
 """
 
 from __future__ import annotations
@@ -150,7 +159,7 @@ def bind_compute(gm: fx.GraphModule, dtype: torch.dtype, device: torch.device) -
 
 
 MATMULS = (torch.ops.aten.linear.default, torch.ops.aten.mm.default, torch.ops.aten.bmm.default,
-           torch.ops.aten.matmul.default, torch.ops.aten.addmm.default, torch.ops.aten.conv2d.default)
+           torch.ops.aten.matmul.default, torch.ops.aten.conv2d.default)
 
 
 class _Legalize(fx.Interpreter):
