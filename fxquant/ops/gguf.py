@@ -13,6 +13,8 @@ dequantize-then-matmul path does, and it is the reference the export is checked 
 
 from __future__ import annotations
 
+import functools
+from types import ModuleType
 from typing import Optional
 
 import torch
@@ -22,9 +24,31 @@ from torch import Tensor
 from .. import codecs
 
 
+@functools.cache
+def triton_kernels() -> Optional[ModuleType]:
+    """``fxquant.ops.triton_gguf``, imported on first use, or None when triton is not installed."""
+    try:
+        from . import triton_gguf
+    except ImportError:
+        return None
+    return triton_gguf
+
+
 @torch.library.custom_op("fxquant::linear_gguf", mutates_args=())
 def linear_gguf(x: Tensor, qweight: Tensor, qtype: str, in_features: int, bias: Optional[Tensor]) -> Tensor:
-    """Weight-only GGUF linear: decode ``qweight`` [out, row_bytes] (uint8) to float32, then ``F.linear``."""
+    """Weight-only GGUF linear on ``qweight`` [out, row_bytes] (uint8).
+
+    CUDA inputs run the fused Triton dequant-GEMM when triton is installed; everything else
+    decodes and multiplies (``reference_linear_gguf``).
+    """
+    kernels = triton_kernels() if x.is_cuda else None
+    if kernels is not None:
+        return kernels.linear_gguf(x, qweight, codecs._qtype(qtype), in_features, bias)
+    return reference_linear_gguf(x, qweight, qtype, in_features, bias)
+
+
+def reference_linear_gguf(x: Tensor, qweight: Tensor, qtype: str, in_features: int, bias: Optional[Tensor]) -> Tensor:
+    """Decode ``qweight`` to float32, round to ``x``'s dtype, ``F.linear``: the reference on any device."""
     w = codecs.dequantize(qweight, qtype, cols=in_features)
     return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
