@@ -116,7 +116,36 @@ def _gemm_kernel(x_ptr, w_ptr, c_ptr, bias_ptr, M, N, K, M_BUCKET, stride_xm, st
     tl.store(c_ptrs, cast_rtne(acc, c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+@triton.jit
+def _dequant_kernel(w_ptr, out_ptr, N, K, row_bytes, QTYPE: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """out[N, K] float32 = the decoded weight: the GEMM's decode, stored instead of multiplied."""
+    SB: tl.constexpr = BLOCK_K // 32
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    w = _decode_tile(w_ptr, rn, tl.program_id(1) * SB + tl.arange(0, SB), tl.arange(0, 32), row_bytes,
+                     N, K // 32, QTYPE)
+    w = tl.reshape(w, (BLOCK_K, BLOCK_N))
+    ptrs = out_ptr + rn[None, :].to(tl.int64) * K + rk[:, None]
+    tl.store(ptrs, w, mask=(rn[None, :] < N) & (rk[:, None] < K))
+
+
 _gemm_tuned = None if interpreting() else triton.autotune(configs=_DIT_CONFIGS, key=["M_BUCKET", "N", "K", "QTYPE"])(_gemm_kernel)
+
+
+def dequantize(qweight: Tensor, qtype: str, in_features: int) -> Tensor:
+    """Decode ``qweight`` [N, row_bytes] to float32 [N, in_features] with the GEMM's tile decoder.
+
+    Not on the op's path (the GEMM never stores the weight); it lets tests compare the decoder
+    the GEMM uses with ``fxquant.codecs.dequantize`` bit for bit.
+    """
+    n = qweight.shape[0]
+    out = torch.empty(n, in_features, dtype=torch.float32, device=qweight.device)
+    bn, bk = (16, 64) if interpreting() else (64, 256)
+    grid = (triton.cdiv(n, bn), triton.cdiv(in_features, bk))
+    _dequant_kernel[grid](qweight.contiguous(), out, n, in_features, qweight.shape[1], QTYPE=_QTYPES[qtype],
+                          BLOCK_N=bn, BLOCK_K=bk)
+    return out
 
 
 def linear_gguf(x: Tensor, qweight: Tensor, qtype: str, in_features: int, bias: Optional[Tensor]) -> Tensor:
