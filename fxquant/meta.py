@@ -56,6 +56,17 @@ class Fragility:
 
 
 @dataclass(frozen=True)
+class Sensitivity:
+    """Written by ``score_sensitivity``: the relative L2 error of the model's output with only this
+    linear quantized (``error``), its rank (1 = most sensitive), and the cheap one-forward proxy
+    ``local`` (the relative error of this linear's own output)."""
+
+    error: float
+    rank: int
+    local: float = 0.0
+
+
+@dataclass(frozen=True)
 class Selection:
     """Written by ``select_protected``: whether the linear is quantized, protected or skipped, and why."""
 
@@ -100,6 +111,7 @@ class LinearRecord:
     call: int = 0  # which call of the module this node is: 0, or 1, 2, ... for a module called again (find_linears)
     stats: Optional[ActStats] = None  # collect_stats
     fragility: Optional[Fragility] = None  # score_fragility
+    sensitivity: Optional[Sensitivity] = None  # score_sensitivity
     selection: Optional[Selection] = None  # select_protected
     smoothing: Optional[Smoothing] = None  # fold_smoothing
     lowering: Optional[Lowering] = None  # lower_w8a8 / lower_gguf
@@ -114,7 +126,7 @@ class LinearRecord:
                                "out_features": self.out_features, "has_bias": self.has_bias}
         if self.call:
             out["call"] = self.call
-        for f in ("stats", "fragility", "selection", "smoothing", "lowering"):
+        for f in ("stats", "fragility", "sensitivity", "selection", "smoothing", "lowering"):
             v = getattr(self, f)
             if v is not None:
                 out[f] = v.to_json() if hasattr(v, "to_json") else _plain(dataclasses.asdict(v))
@@ -130,6 +142,8 @@ class LinearRecord:
                                    tuple(tuple(x) for x in s.get("per_step", ())))
         if "fragility" in d:
             kw["fragility"] = Fragility(**d["fragility"])
+        if "sensitivity" in d:
+            kw["sensitivity"] = Sensitivity(**d["sensitivity"])
         if "selection" in d:
             kw["selection"] = Selection(**d["selection"])
         if "smoothing" in d:

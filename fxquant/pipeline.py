@@ -1,7 +1,7 @@
 """The ordered list of passes a recipe implies: the whole pipeline in one visible place.
 
-    find_linears -> [collect_stats -> [score_fragility]] -> select_protected
-                 -> [fold_smoothing] -> lower_w8a8 | lower_gguf
+    find_linears -> [collect_stats -> [score_fragility] -> [score_sensitivity]] -> select_protected
+                 -> [fold_smoothing] -> [round_gptq] -> lower_w8a8 | lower_gguf
 
 Bracketed passes run only when the recipe needs them: calibration statistics for SmoothQuant
 or top-k protection, fragility scores for top-k protection, folding for SmoothQuant.
@@ -20,8 +20,10 @@ from .passes.fold_smoothing import FoldSmoothing
 from .passes.lower_gguf import LowerGGUF
 from .passes.lower_w8a8 import LowerW8A8
 from .passes.score_fragility import ScoreFragility
+from .passes.round_gptq import RoundGPTQ
+from .passes.score_sensitivity import ScoreSensitivity
 from .passes.select_protected import SelectOptions, SelectProtected
-from .recipe import Recipe, WeightScheme
+from .recipe import ProtectBy, Recipe, WeightScheme
 
 
 def build(recipe: Recipe, calibration: Sequence[Any] | None = None, label: str = "") -> list[FxquantPass]:
@@ -30,12 +32,18 @@ def build(recipe: Recipe, calibration: Sequence[Any] | None = None, label: str =
     passes: list[FxquantPass] = [FindLinears()]
     if recipe.needs_calibration:
         passes.append(CollectStats(calibration, label=f"collect_stats {label}".strip()))
-        if recipe.protect_top_k > 0:
+        if recipe.protect_top_k > 0 or recipe.has_budget:
             passes.append(ScoreFragility(recipe.fragility_score))
+        if recipe.protect_by is ProtectBy.SENSITIVITY and (recipe.protect_top_k > 0 or recipe.has_budget):
+            passes.append(ScoreSensitivity(calibration, recipe.sensitivity_samples,
+                                           recipe.alpha if recipe.smoothquant else None))
     passes.append(SelectProtected(SelectOptions(recipe.protect_top_k, recipe.protect_reference_linears,
-                                                recipe.protect, recipe.skip)))
+                                                recipe.protect, recipe.skip, recipe.protect_by,
+                                                recipe.protect_budget, recipe.protect_budget_bytes)))
     if recipe.smoothquant:
         passes.append(FoldSmoothing(recipe.alpha, recipe.alpha_search, calibration))
+    if recipe.gptq:
+        passes.append(RoundGPTQ(calibration, recipe.gptq_damp))
     if recipe.weights is WeightScheme.INT8:
         passes.append(LowerW8A8())
     else:

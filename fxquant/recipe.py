@@ -38,6 +38,13 @@ class FragilityScore(str, enum.Enum):
     MAXABS = "maxabs"
 
 
+class ProtectBy(str, enum.Enum):
+    """Which ranking top-k protection (and the float budget) uses."""
+
+    FRAGILITY = "fragility"  # the paper's activation-statistics score (score_fragility)
+    SENSITIVITY = "sensitivity"  # measured output error with one linear quantized (score_sensitivity)
+
+
 class MisalignedPolicy(str, enum.Enum):
     """What a GGUF recipe does with a linear whose in_features is not a multiple of the block size."""
 
@@ -107,6 +114,14 @@ class Recipe:
         protect: rules for linears kept in float because they are fragile (shown as ``protected``).
         skip: rules for linears left untouched by every pass (shown as ``skipped``).
         misaligned: GGUF policy for a linear whose in_features is not a multiple of the block size.
+        protect_by: the ranking top-k and the budget use: ``fragility`` or ``sensitivity``.
+        protect_budget: keep linears in float, greedily by measured error removed per float byte,
+            up to this fraction of all linear weight bytes (rule-protected ones count); needs
+            ``protect_by="sensitivity"``. 0: no budget.
+        protect_budget_bytes: the same budget in bytes (0: none; with both, the smaller binds).
+        sensitivity_samples: calibration inputs ``score_sensitivity`` runs on (spread over the trajectory).
+        gptq: GPTQ rounding of the int8 weights (Hessian from the calibration inputs).
+        gptq_damp: GPTQ's Hessian damping, a fraction of its mean diagonal.
     """
 
     name: str = "custom"
@@ -121,6 +136,12 @@ class Recipe:
     protect: tuple[LayerRule, ...] = ()
     skip: tuple[LayerRule, ...] = ()
     misaligned: MisalignedPolicy = MisalignedPolicy.KEEP_FLOAT
+    protect_by: ProtectBy = ProtectBy.FRAGILITY
+    protect_budget: float = 0.0
+    protect_budget_bytes: int = 0
+    sensitivity_samples: int = 2
+    gptq: bool = False
+    gptq_damp: float = 0.01
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -128,11 +149,12 @@ class Recipe:
         set_(self, "activations", _enum(ActivationScheme, self.activations, "activations"))
         set_(self, "fragility_score", _enum(FragilityScore, self.fragility_score, "fragility_score"))
         set_(self, "misaligned", _enum(MisalignedPolicy, self.misaligned, "misaligned"))
+        set_(self, "protect_by", _enum(ProtectBy, self.protect_by, "protect_by"))
         set_(self, "protect", _rules(self.protect, "protect"))
         set_(self, "skip", _rules(self.skip, "skip"))
         if not isinstance(self.name, str) or not self.name:
             raise RecipeError(f"recipe.name: expected a non-empty string, got {self.name!r}")
-        for key in ("smoothquant",):
+        for key in ("smoothquant", "gptq"):
             if not isinstance(getattr(self, key), bool):
                 raise RecipeError(f"recipe.{key}: expected true or false, got {getattr(self, key)!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
@@ -143,6 +165,7 @@ class Recipe:
         ):
             raise RecipeError(f"recipe.alpha_search: expected a list of numbers in [0, 1], got {self.alpha_search!r}")
         set_(self, "alpha_search", tuple(float(a) for a in self.alpha_search))
+        self._check_sensitivity_and_gptq()
         for key in ("protect_top_k", "protect_reference_linears"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -155,9 +178,31 @@ class Recipe:
         if gguf and self.smoothquant:
             raise RecipeError("recipe.smoothquant: SmoothQuant needs quantized activations; GGUF recipes are weight-only")
 
+    def _check_sensitivity_and_gptq(self) -> None:
+        for key in ("protect_budget", "gptq_damp"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise RecipeError(f"recipe.{key}: expected a number in [0, 1], got {v!r}")
+            object.__setattr__(self, key, float(v))
+        if self.gptq and not self.gptq_damp > 0:
+            raise RecipeError(f"recipe.gptq_damp: expected a number in (0, 1] with gptq, got {self.gptq_damp!r}")
+        for key, low in (("protect_budget_bytes", 0), ("sensitivity_samples", 1)):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise RecipeError(f"recipe.{key}: expected an integer >= {low}, got {v!r}")
+        if self.has_budget and self.protect_by is not ProtectBy.SENSITIVITY:
+            raise RecipeError("recipe.protect_budget: a float budget is spent by measured sensitivity; "
+                              "set protect_by to 'sensitivity'")
+        if self.gptq and self.weights is not WeightScheme.INT8:
+            raise RecipeError(f"recipe.gptq: GPTQ rounding is implemented for int8 weights, not {self.weights.value}")
+
+    @property
+    def has_budget(self) -> bool:
+        return self.protect_budget > 0 or self.protect_budget_bytes > 0
+
     @property
     def needs_calibration(self) -> bool:
-        return self.smoothquant or self.protect_top_k > 0
+        return self.smoothquant or self.protect_top_k > 0 or self.has_budget or self.gptq
 
     # ---- JSON ----
     def to_dict(self) -> dict[str, Any]:
