@@ -193,6 +193,8 @@ class Recipe:
         if self.has_budget and self.protect_by is not ProtectBy.SENSITIVITY:
             raise RecipeError("recipe.protect_budget: a float budget is spent by measured sensitivity; "
                               "set protect_by to 'sensitivity'")
+        if self.protect_by is ProtectBy.SENSITIVITY and self.weights is not WeightScheme.INT8:
+            raise RecipeError(f"recipe.protect_by: sensitivity is measured for int8 (W8A8) weights, not {self.weights.value}")
         if self.gptq and self.weights is not WeightScheme.INT8:
             raise RecipeError(f"recipe.gptq: GPTQ rounding is implemented for int8 weights, not {self.weights.value}")
 
