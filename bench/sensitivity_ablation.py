@@ -3,6 +3,7 @@ reduced Ideogram 4 models, both CFG branches, per step and over an 8-step CFG tr
 
     .venv/bin/python bench/sensitivity_ablation.py                  # 3 cases x 3 seeds, ~25 min on the shared machine
     .venv/bin/python bench/sensitivity_ablation.py --cases moving --seeds 1
+    # one process per case, then: --merge bench/results/sensitivity_{channel,massive,moving}.json
 
 Models: per seed, a conditional and an unconditional reduced Ideogram 4 (4 layers; the
 unconditional one has other seeded weights and reads a fixed "empty prompt"), each planted with
@@ -55,7 +56,7 @@ from quality_ablation import massive_blocks, plant_outliers
 
 CASES = {"channel": (20.0, 0.0, False), "massive": (1.0, 300.0, False), "moving": (20.0, 300.0, True)}
 LAYERS, STEPS, CALIB_STEPS, GUIDANCE, MOVE = 4, 8, 6, 4.0, 20.0
-PAPER = fxquant.Recipe.preset("int8-w8a8").replace(
+PAPER = fxquant.Recipe.preset("int8-w8a8-paper").replace(
     name="paper", protect_top_k=len(massive_blocks(LAYERS)) + 1, protect_reference_linears=0)
 SQ = PAPER.replace(name="sq", protect_top_k=0, protect=())
 SENS = SQ.replace(name="sq+sensitivity", protect_by="sensitivity", protect_budget=0.05)
@@ -226,18 +227,11 @@ def analysis(model, calib) -> dict[str, Any]:
             "by_fragility": [r.key for r in sorted(recs, key=lambda r: r.fragility.rank)][:8]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sensitivity.json")
-    args = ap.parse_args()
-    t0, load0 = time.perf_counter(), os.getloadavg()
-    full = full_size_bytes()
-    runs = [run_case(c, s, full) for c in args.cases for s in args.seeds]
+def tables(runs: list[dict[str, Any]], cases: list[str]) -> dict[str, Any]:
+    """Print one table per case (means over seeds); return the summary."""
     names = list(runs[0]["variants"])
-    summary = {}
-    for case in args.cases:
+    summary: dict[str, Any] = {}
+    for case in cases:
         rs = [r for r in runs if r["case"] == case]
         print(f"\ncase {case} ({len(rs)} seeds): rel. L2 per step (mean over 8 steps, 2 branches, seeds), 8-step CFG PSNR")
         print(f"{'variant':34} {'mean rel L2':>11} {'per seed':>26} {'PSNR dB':>8} {'float %':>8} {'full %':>7} {'compile s':>9}")
@@ -253,14 +247,41 @@ def main() -> None:
             a = r["analysis"]
             print(f"seed {r['seed']}: Spearman(sensitivity, fragility) {a['spearman_sensitivity_fragility']:.3f}, "
                   f"(sensitivity, local proxy) {a['spearman_sensitivity_local']:.3f}; top by sensitivity {a['by_sensitivity'][:5]}")
+    return summary
+
+
+def write(out: Path, result: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--merge", type=Path, nargs="+", help="combine the JSON of earlier runs (e.g. one per case) into --out")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sensitivity.json")
+    args = ap.parse_args()
+    if args.merge:
+        parts = [json.loads(p.read_text()) for p in args.merge]
+        runs = [r for p in parts for r in p["runs"]]
+        cases = list(dict.fromkeys(r["case"] for r in runs))
+        result = {**parts[0], "command": " + ".join(p["command"] for p in parts), "runs": runs,
+                  "seconds": sum(p["seconds"] for p in parts), "summary": tables(runs, cases),
+                  "loadavg_start": [p["loadavg_start"] for p in parts], "loadavg_end": [p["loadavg_end"] for p in parts]}
+        write(args.out, result)
+        print(f"wrote {args.out}")
+        return
+    t0, load0 = time.perf_counter(), os.getloadavg()
+    full = full_size_bytes()
+    runs = [run_case(c, s, full) for c in args.cases for s in args.seeds]
     result = {"command": "bench/sensitivity_ablation.py --cases " + " ".join(args.cases) + " --seeds " + " ".join(map(str, args.seeds)),
-              "summary": summary, "runs": runs, "seconds": round(time.perf_counter() - t0, 1),
+              "summary": tables(runs, args.cases), "runs": runs, "seconds": round(time.perf_counter() - t0, 1),
               "loadavg_start": load0, "loadavg_end": os.getloadavg(), "torch": torch.__version__,
               "recipes": {k: r.to_dict() for k, r in FXQ.items()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(args.out)
+    write(args.out, result)
     print(f"wrote {args.out} in {result['seconds']} s, load average {load0} -> {result['loadavg_end']}")
 
 

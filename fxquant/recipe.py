@@ -257,11 +257,22 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
 
-# The paper's recipe: SmoothQuant (alpha 0.5) plus mixed-precision protection of the 17 most
-# fragile of Ideogram 4's 279 linears, and the time-embedding output always.
+# int8-w8a8-paper, the paper's recipe: SmoothQuant (alpha 0.5) plus mixed-precision protection of
+# the 17 most fragile of Ideogram 4's 279 linears, and the time-embedding output always.
+# int8-w8a8, what bench/sensitivity_ablation.py measured best (docs/sensitivity.md): SmoothQuant
+# (alpha 0.5), the linears whose quantization measurably hurts the output most per float byte kept
+# in float within 5 % of the linear weight bytes, and GPTQ rounding of the int8 weights.
 PRESETS: dict[str, Recipe] = {
     "int8-w8a8": Recipe(
         name="int8-w8a8",
+        smoothquant=True,
+        alpha=0.5,
+        protect_by=ProtectBy.SENSITIVITY,
+        protect_budget=0.05,
+        gptq=True,
+    ),
+    "int8-w8a8-paper": Recipe(
+        name="int8-w8a8-paper",
         smoothquant=True,
         alpha=0.5,
         protect_top_k=17,

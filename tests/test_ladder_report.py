@@ -92,7 +92,7 @@ def test_fed_by_stops_at_linears():
 @pytest.mark.slow
 def test_report_files_and_summary(setup, tmp_path):
     model, calib, _, lad = setup
-    gm = fxquant.compile(model, "int8-w8a8", calibration=calib)
+    gm = fxquant.compile(model, "int8-w8a8-paper", calibration=calib)
     # the preset's k = 17 of 279 scales to round(17 * 23 / 279) = 1 here, plus the time-embedding output
     text = str(fxquant.summary(gm))
     assert "fragility rank 1 of 23 (top 1)" in text and "matches protect rule 't_embedding.mlp_out'" in text
