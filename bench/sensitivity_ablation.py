@@ -33,7 +33,10 @@ calibrated on the same inputs) alone and with the paper recipe's protected set l
 paper's recipe (SmoothQuant + fragility top-k, as in ``quality_ablation``), SmoothQuant + measured
 sensitivity under a 5 % float budget, SmoothQuant + GPTQ, and both. Float fraction: bytes of linear
 weights left in float over all linear weight bytes (mean of the branches); ``full`` is the same
-linears' share of the full-size Ideogram 4 (34 layers, meta device). Writes
+linears' share of the full-size Ideogram 4 (34 layers, meta device). Compile time: both branches,
+the recipe's passes (`fxquant.pipeline.build`, what ``fxquant.compile`` runs) on a copy of the
+branch traced once (the trace, ~same for every recipe, is recorded apart as ``trace_s``); for
+torchao, ``quantize_`` plus its calibration pass. Writes
 ``bench/results/sensitivity.json``.
 """
 
@@ -51,6 +54,8 @@ from typing import Any, Callable
 import torch
 
 import fxquant
+from fxquant import meta, pipeline
+from fxquant.trace import trace
 from fxquant.models import IDEOGRAM4_FULL, IMAGE_INDICATOR, ideogram4_inputs, reduced_ideogram4
 from quality_ablation import massive_blocks, plant_outliers
 
@@ -123,6 +128,14 @@ def rel(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
     return float(((a - b) * m).double().norm() / (b * m).double().norm())
 
 
+def compile_traced(gm: torch.fx.GraphModule, recipe: fxquant.Recipe, calib: list, branch: str) -> torch.fx.GraphModule:
+    """``fxquant.compile``'s passes (`fxquant.pipeline.build`) on a copy of an already traced branch."""
+    gm = copy.deepcopy(gm)
+    meta.set_graph_record(gm, meta.GraphRecord(recipe=recipe.to_dict(), branch=branch))
+    with torch.no_grad():
+        return pipeline.run(gm, pipeline.build(recipe, calib, branch))
+
+
 def torchao_variant(models, calib, protect: set[str] | None, smooth: bool):
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
     from torchao.prototype.smoothquant import SmoothQuantConfig
@@ -173,9 +186,14 @@ def run_case(case: str, seed: int, full: dict[str, int]) -> dict[str, Any]:
         return f
     variants["bf16 autocast"] = ({k: autocast(m) for k, m in models.items()}, {k: [] for k in models}, 0.0)
     protected_paper = {}
+    traced, trace_s = {}, {}
+    for k, m in models.items():  # traced once per branch; every recipe's passes run on a copy
+        t0 = time.perf_counter()
+        traced[k] = trace(m, calib[k][0])
+        trace_s[k] = time.perf_counter() - t0
     for name, recipe in FXQ.items():
         t0 = time.perf_counter()
-        gms = fxquant.compile(models, recipe, calibration=calib)
+        gms = {k: compile_traced(traced[k], recipe, calib[k], k) for k in models}
         dt = time.perf_counter() - t0
         kept = {k: [r.name for r in fxquant.summary(g).rows if r.scheme != "w8a8"] for k, g in gms.items()}
         variants[name] = (gms, kept, dt)
@@ -201,7 +219,8 @@ def run_case(case: str, seed: int, full: dict[str, int]) -> dict[str, Any]:
         rows[name] = {"per_step": per_step, "mean": sum(v for d in per_step for v in d.values()) / (2 * len(per_step)),
                       "psnr": 20 * math.log10(peak / rmse) if rmse > 0 else math.inf, "float_fraction": frac,
                       "full_size_fraction": full_frac, "kept_float": kept, "compile_s": secs}
-    return {"case": case, "seed": seed, "variants": rows, "analysis": analysis(models["cond"], calib["cond"])}
+    return {"case": case, "seed": seed, "variants": rows, "trace_s": trace_s,
+            "analysis": analysis(models["cond"], calib["cond"])}
 
 
 def analysis(model, calib) -> dict[str, Any]:
