@@ -26,6 +26,7 @@ from . import meta
 from .errors import FxquantError
 from .ladder import Ladder
 from .passes.score_fragility import spearman
+from .schemes import DecidedBy, SelectionKind
 
 GraphLike = Union[fx.GraphModule, Mapping[str, fx.GraphModule]]
 
@@ -94,12 +95,12 @@ COLORS = {"protected: top-k": "tab:red", "protected: rule": "tab:orange", "prote
 
 
 def _color(sel: dict[str, Any]) -> str:
-    kind = sel.get("kind", "quantize")
-    if kind == "quantize":
+    kind = sel.get("kind", SelectionKind.QUANTIZE)
+    if kind == SelectionKind.QUANTIZE:
         return COLORS["quantized"]
-    if kind == "skipped":
+    if kind == SelectionKind.SKIPPED:
         return COLORS["skipped"]
-    return COLORS[{"top_k": "protected: top-k", "budget": "protected: budget"}.get(sel.get("by"), "protected: rule")]
+    return COLORS[{DecidedBy.TOP_K: "protected: top-k", DecidedBy.BUDGET: "protected: budget"}.get(sel.get("by"), "protected: rule")]
 
 
 def _plot_ladder(ladders: list[Ladder], title: str, path: str) -> None:
@@ -146,11 +147,18 @@ def _markdown(section: str, g: Optional[meta.GraphRecord], rows: list[dict[str, 
         rho2 = spearman([r["sensitivity"]["error"] for r in both], [r["fragility"]["score"] for r in both])
         lines.append(f"- agreement of the two rankings, Spearman rho of measured sensitivity vs fragility score: "
                      f"{'-' if rho2 is None else f'{rho2:.3f}'}")
-    kept = [r for r in rows if r.get("selection", {}).get("kind", "quantize") != "quantize"]
+    schemes: dict[str, int] = {}
+    for r in rows:
+        sc = r.get("lowering", {}).get("scheme", "float")
+        schemes[sc] = schemes.get(sc, 0) + 1
+    protected = sum(1 for r in rows if r.get("selection", {}).get("kind", SelectionKind.QUANTIZE) != SelectionKind.QUANTIZE)
     size = _float_sizes(rows)
-    kept_bytes, total = sum(size[r["name"]] for r in kept), sum(size.values())
-    lines += [f"- kept in float: {len(kept)} of {len(rows)} linears, {kept_bytes / 2**20:.3f} MiB of "
-              f"{total / 2**20:.3f} MiB of linear weights ({100 * kept_bytes / max(total, 1):.2f} %)", "",
+    kept_bytes = sum(size[r["name"]] for r in rows if r.get("lowering", {}).get("scheme") == "float")
+    total = sum(size.values())
+    lines += [f"- schemes: {', '.join(f'{k} {v}' for k, v in sorted(schemes.items()))} of {len(rows)} linears; "
+              f"kept in float: {schemes.get('float', 0)}; protected or skipped by the recipe: {protected}",
+              f"- bytes kept in float: {kept_bytes / 2**20:.3f} MiB of {total / 2**20:.3f} MiB of linear weights "
+              f"in float ({100 * kept_bytes / max(total, 1):.2f} %)", "",
               f"![fragility]({png})" if png else "No fragility scores: the recipe does not rank layers (protect_top_k = 0).", "",
               "| rank | linear | score | sens. rank | sensitivity | mean kurtosis | max abs | early/late rank | scheme | why | fed by |",
               "|---:|---|---:|---:|---:|---:|---:|---|---|---|---|"]
@@ -160,7 +168,9 @@ def _markdown(section: str, g: Optional[meta.GraphRecord], rows: list[dict[str, 
 
     for r in sorted(rows, key=key):
         f, s, sel = r.get("fragility", {}), r.get("stats", {}), r.get("selection", {})
-        scheme = sel.get("kind") if sel.get("kind", "quantize") != "quantize" else r.get("lowering", {}).get("scheme", "-")
+        scheme = r.get("lowering", {}).get("scheme", "-")
+        if sel.get("kind", SelectionKind.QUANTIZE) != SelectionKind.QUANTIZE:
+            scheme = f"{scheme} ({sel['kind']})"
         el = f"{f.get('early_rank') or '-'}/{f.get('late_rank') or '-'}" if f else "-"
         sv = r.get("sensitivity", {})
         lines.append("| " + " | ".join([

@@ -37,6 +37,7 @@ import torch.fx as fx
 from .. import graph, meta
 from ..errors import CalibrationError, PassError
 from ..ops.w8a8 import INT8_MAX, quantize_weight_per_channel
+from ..schemes import Scheme
 from .base import FxquantPass, PassResult, require_records
 
 log = logging.getLogger("fxquant")
@@ -89,7 +90,7 @@ def pinned_weight(w: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 
 class RoundGPTQ(FxquantPass):
-    """Replace every quantized linear's float weight by its pinned GPTQ weight (module doc).
+    """Replace the float weight of every linear selected W8A8 by its pinned GPTQ weight (module doc).
 
     Args:
         calibration: the example inputs (as given to ``compile``).
@@ -97,7 +98,7 @@ class RoundGPTQ(FxquantPass):
         hessian_bytes: memory for the Hessians held at once (float32 ``in^2`` per distinct input).
 
     Raises:
-        PassError: no ``selection`` (run select_protected first), a lowering already ran, or the
+        PassError: no ``selection`` (run select_schemes first), a lowering already ran, or the
             pinned weight does not give back the GPTQ codes.
         CalibrationError: no calibration inputs.
     """
@@ -113,7 +114,7 @@ class RoundGPTQ(FxquantPass):
         self.forwards, self.seconds = 0, 0.0
 
     def requires(self, gm: fx.GraphModule) -> None:
-        require_records(gm, self.name, "selection", before="select_protected")
+        require_records(gm, self.name, "selection", before="select_schemes")
         done = [r.name for _, r in meta.records(gm) if r.lowering is not None]
         if done:
             raise PassError(f"{self.name}: linear {done[0]!r} is already lowered; GPTQ must run before lower_w8a8")
@@ -122,11 +123,11 @@ class RoundGPTQ(FxquantPass):
         t0 = time.perf_counter()
         users: dict[str, list[fx.Node]] = {}  # weight target -> the quantized linear nodes reading it
         for node, rec in meta.records(gm):
-            if rec.selection.kind == "quantize":
+            if rec.selection.scheme is Scheme.W8A8:
                 users.setdefault(str(node.args[1].target), []).append(node)
         if not users:
             return PassResult(gm, False)
-        self.forwards = 0
+        self.forwards, modified = 0, False
         for chunk in self._chunks(users):
             hess = self._hessians(gm, {x for t in chunk for n in users[t] for x in [n.args[0]]})
             for target in chunk:
@@ -137,12 +138,13 @@ class RoundGPTQ(FxquantPass):
                 got, _ = quantize_weight_per_channel(new)
                 if not torch.equal(got, codes):
                     raise PassError(f"{self.name}: {target}: the pinned weight does not give back the GPTQ codes")
-                graph.set_parameter(gm, target, new)
+                if not torch.equal(new, w):  # a second run finds the codes already there: no change
+                    graph.set_parameter(gm, target, new)
+                    modified = True
             del hess
         self.seconds = time.perf_counter() - t0
         log.info("%s: %d weights, %d forward passes in %.1f s", self.name, len(users), self.forwards, self.seconds)
-        gm.recompile()
-        return PassResult(gm, True)
+        return PassResult(gm, modified)
 
     def _chunks(self, users: dict[str, list[fx.Node]]) -> list[list[str]]:
         """Weight targets grouped so that the Hessians of their distinct inputs fit ``hessian_bytes``

@@ -14,7 +14,7 @@ from fxquant.graph import LINEAR
 from fxquant.ops.w8a8 import quantize_weight_per_channel
 from fxquant.passes.lower_w8a8 import LowerW8A8
 from fxquant.passes.round_gptq import RoundGPTQ, gptq_codes, pinned_weight
-from fxquant.passes.select_protected import SelectOptions, SelectProtected
+from fxquant.passes.select_schemes import SelectOptions, SelectSchemes
 from fxquant.recipe import LayerRule
 
 from .util import count, traced
@@ -72,7 +72,7 @@ def calib(n=3):
 def test_pass_rewrites_weights_only_and_the_lowering_uses_the_gptq_codes():
     m, gm = traced()
     cal = calib()
-    SelectProtected(SelectOptions(protect=(LayerRule("fc2"),)))(gm)
+    SelectSchemes(SelectOptions(protect=(LayerRule("fc2"),)))(gm)
     code = gm.code
     p = RoundGPTQ(cal, hessian_bytes=1)  # one weight per chunk
     assert p(gm).modified is True
@@ -95,7 +95,7 @@ def test_preconditions():
         RoundGPTQ(calib(), damp=0)
     with pytest.raises(PassError, match="lack 'selection'"):
         RoundGPTQ(calib())(gm)
-    SelectProtected(SelectOptions())(gm)
+    SelectSchemes(SelectOptions())(gm)
     LowerW8A8()(gm)
     with pytest.raises(PassError, match="already lowered"):
         RoundGPTQ(calib())(gm)

@@ -16,7 +16,7 @@ from fxquant.graph import LINEAR
 from fxquant.passes.collect_stats import CollectStats
 from fxquant.passes.score_fragility import ScoreFragility
 from fxquant.passes.score_sensitivity import ScoreSensitivity, batched, choose_within_budget, spread
-from fxquant.passes.select_protected import SelectOptions, SelectProtected
+from fxquant.passes.select_schemes import SelectOptions, SelectSchemes
 from fxquant.recipe import ProtectBy
 
 from .test_lower_w8a8 import reference_w8a8
@@ -128,21 +128,21 @@ def test_selection_by_sensitivity_top_k_and_budget():
     m, gm = _analysed()
     s = sens(gm)
     first = min(s, key=lambda n: s[n].rank)
-    SelectProtected(SelectOptions(top_k=1, by=ProtectBy.SENSITIVITY))(gm)
+    SelectSchemes(SelectOptions(top_k=1, by=ProtectBy.SENSITIVITY))(gm)
     sel = {r.name: r.selection for _, r in meta.records(gm)}
     assert sel[first].kind == "protected" and "sensitivity rank 1" in sel[first].reason
     # fc1 is 64x32 floats (8192 B), fc2 32x64 (8192 B): a budget of half the bytes keeps one, the better
     _, gm2 = _analysed()
-    SelectProtected(SelectOptions(by=ProtectBy.SENSITIVITY, budget_fraction=0.5))(gm2)
+    SelectSchemes(SelectOptions(by=ProtectBy.SENSITIVITY, budget_fraction=0.5))(gm2)
     kept = [r.name for _, r in meta.records(gm2) if r.selection.kind == "protected"]
     assert kept == [first]
     assert all(r.selection.by == "budget" for _, r in meta.records(gm2) if r.selection.kind == "protected")
     _, gm3 = _analysed()
-    SelectProtected(SelectOptions(by=ProtectBy.SENSITIVITY, budget_fraction=0.49))(gm3)
+    SelectSchemes(SelectOptions(by=ProtectBy.SENSITIVITY, budget_fraction=0.49))(gm3)
     assert not any(r.selection.kind == "protected" for _, r in meta.records(gm3))
     _, g = traced()
     with pytest.raises(PassError, match="sensitivity"):
-        SelectProtected(SelectOptions(by=ProtectBy.SENSITIVITY, budget_bytes=10))(g)
+        SelectSchemes(SelectOptions(by=ProtectBy.SENSITIVITY, budget_bytes=10))(g)
 
 
 def test_recipe_fields_are_validated():
