@@ -46,6 +46,6 @@ def test_flux_compiles_and_tracks_float(flux):
 
 def test_ideogram_names_in_recipe_do_not_break_other_models(flux):
     # The paper preset's protect rule names an Ideogram 4 layer; it is optional, so Flux still compiles.
-    r = fxquant.Recipe.preset("int8-w8a8").replace(smoothquant=False, protect_top_k=0)
+    r = fxquant.Recipe.preset("int8-w8a8-paper").replace(smoothquant=False, protect_top_k=0)
     gm = fxquant.compile(flux, r, calibration=[flux_inputs(2, 16, 8)])
     assert "protected" not in fxquant.summary(gm).counts("kind")
