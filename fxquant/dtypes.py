@@ -20,8 +20,10 @@ save / load). `bind_compute` then rewrites those leaves, and every device leaf, 
 
 The buffer is cast and moved by ``.to()`` like any float buffer, so the graph follows without
 being rewritten again (and a forward captured by an offload hook stays valid).
-``aten._assert_tensor_metadata`` nodes (checks that inputs have the traced dtype and device) are
-removed: after ``.to()`` they would check the old ones.
+``aten._assert_tensor_metadata`` nodes (checks that inputs have the traced dtype and device) stop
+checking dtype and device: after ``.to()`` they would check the old ones. They stay in the graph:
+a re-export (`fxquant.save`) makes such a check for every ``aten.to`` anyway, and one made right
+after a linear would otherwise copy that linear's record from the node before it.
 
 The probe uses a dtype of the same kind (float32 / float64, bfloat16 / float16), because models
 branch on half versus full precision: diffusers' RMSNorm casts to its weight's dtype only for
@@ -123,15 +125,15 @@ def mark(gm: fx.GraphModule, model: torch.nn.Module, example: Any) -> bool:
 
 def bind_compute(gm: fx.GraphModule, dtype: torch.dtype, device: torch.device) -> None:
     """Make every marked dtype leaf and every device leaf of ``gm`` (and of its submodule graphs)
-    read the ``_fxquant_compute`` buffer, created with ``dtype`` on ``device``; drop the
-    ``_assert_tensor_metadata`` checks. Idempotent."""
+    read the ``_fxquant_compute`` buffer, created with ``dtype`` on ``device``; the
+    ``_assert_tensor_metadata`` checks stop checking dtype and device. Idempotent."""
     for _, sub in _graphs(gm):
         g = sub.graph
         if BUFFER not in sub._buffers:
             sub.register_buffer(BUFFER, torch.empty(0, dtype=dtype, device=device), persistent=False)
-        for n in list(g.nodes):
+        for n in g.nodes:  # kept (a re-export makes them again), but no longer checking dtype and device
             if n.target is ASSERT:
-                g.erase_node(n)
+                n.kwargs = {**n.kwargs, "dtype": None, "device": None}
         anchor = next((n for n in g.nodes if n.op != "placeholder"), None)
         if anchor is None:
             continue
