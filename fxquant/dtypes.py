@@ -74,8 +74,11 @@ def _dtype_nodes(g: fx.Graph) -> list[fx.Node]:
     return [n for n in g.nodes if n.target is not ASSERT and any(isinstance(v, torch.dtype) for v in _leaves(n)[0])]
 
 
-def _probe(model: torch.nn.Module, example: Any, dtype: torch.dtype) -> torch.export.ExportedProgram:
-    """``model`` exported on fake tensors with every float parameter, buffer and input in ``dtype``."""
+def _probe(model: torch.nn.Module, example: Any, dtype: torch.dtype) -> fx.GraphModule:
+    """``model`` traced on fake tensors with every float parameter, buffer and input in ``dtype``
+    (static shapes; autocast regions inlined as `trace` does)."""
+    from .passes.inline_autocast import InlineAutocast  # here: the pass imports graph.py, which imports trace.py
+
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         memo: dict[int, Any] = {}
         for t in list(model.parameters()) + list(model.buffers()):
@@ -88,7 +91,8 @@ def _probe(model: torch.nn.Module, example: Any, dtype: torch.dtype) -> torch.ex
             lambda v: (mode.from_tensor(v).to(dtype) if v.is_floating_point() else mode.from_tensor(v))
             if isinstance(v, torch.Tensor) else v, (args, kwargs))
         with torch.no_grad():
-            return torch.export.export(fake.eval(), args, kwargs, strict=False)
+            ep = torch.export.export(fake.eval(), args, kwargs, strict=False)
+        return InlineAutocast()(ep.module()).graph_module
 
 
 def _probe_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -108,7 +112,7 @@ def mark(gm: fx.GraphModule, model: torch.nn.Module, example: Any) -> bool:
         probe = _probe(model, example, other)
     except Exception:  # noqa: BLE001 - a model the fake trace cannot handle simply gets no marks
         return False
-    theirs = dict(_graphs(probe.graph_module))
+    theirs = dict(_graphs(probe))
     pairs = []
     for name, sub in _graphs(gm):
         mine, other_nodes = _dtype_nodes(sub.graph), _dtype_nodes(theirs[name].graph) if name in theirs else []
@@ -132,8 +136,8 @@ def bind_compute(gm: fx.GraphModule, dtype: torch.dtype, device: torch.device) -
         if BUFFER not in sub._buffers:
             sub.register_buffer(BUFFER, torch.empty(0, dtype=dtype, device=device), persistent=False)
         for n in g.nodes:  # kept (a re-export makes them again), but no longer checking dtype and device
-            if n.target is ASSERT:
-                n.kwargs = {**n.kwargs, "dtype": None, "device": None}
+            if n.target is ASSERT:  # (size, stride and dtype may also come positionally)
+                n.args, n.kwargs = n.args[:1], {k: v for k, v in n.kwargs.items() if k == "layout"}
         anchor = next((n for n in g.nodes if n.op != "placeholder"), None)
         if anchor is None:
             continue
