@@ -81,7 +81,7 @@ def read_header(path: str) -> dict[str, Any]:
             raw = f.read(n) if n is not None and n <= size - 8 else None
     except OSError as e:  # missing file, a directory, no permission
         raise FormatError(f"{path}: cannot read: {e.strerror or e}") from None
-    for magic, what in ((b"PK\x03\x04", "a zip archive (a torch.export .pt2? load it with torch.export.load)"),
+    for magic, what in ((b"PK\x03\x04", "a zip archive (a .pt2? load it with fxquant.load_pt2)"),
                         (b"GGUF", "a GGUF file (see fxquant.integrations.diffusers.load_gguf)")):
         if head.startswith(magic):
             raise FormatError(f"{path}: not an fxquant artifact: it is {what}")
