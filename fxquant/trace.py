@@ -188,4 +188,8 @@ def check_calibration(calibration: Any, where: str) -> list[Any]:
         raise CalibrationError(f"{where}: calibration is empty; give at least one example input")
     for i, item in enumerate(calibration):
         as_args_kwargs(item, f"{where}[{i}]")
+        for path, leaf in torch.utils._pytree.tree_flatten_with_path(item)[0]:
+            if isinstance(leaf, torch.Tensor) and leaf.is_meta:
+                raise CalibrationError(f"{where}[{i}]{torch.utils._pytree.keystr(path)}: the tensor is on the meta "
+                                       "device (it has no values); calibration needs real inputs")
     return list(calibration)

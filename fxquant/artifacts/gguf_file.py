@@ -10,7 +10,8 @@ The structural checks follow llama.cpp's ``gguf_init_from_file`` and the corrupt
 ``general.alignment`` that is not a power-of-two UINT32, bad dims or type, misaligned, overlapping or
 out-of-bounds tensor data, truncation). Every failure is a `FormatError` naming the file and the
 key or tensor; gguf-py's reader would raise ``IndexError`` / ``KeyError`` / ``ValueError`` or read
-on. One difference: names are not limited to llama.cpp's 63 bytes (diffusers names can be longer).
+on. Differences: names are not limited to llama.cpp's 63 bytes (diffusers names can be longer), and
+the padding after the last tensor's data may be missing (gguf-py does not require it either).
 """
 
 from __future__ import annotations
