@@ -30,7 +30,6 @@ from typing import Any, Mapping, Union
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
-from safetensors import SafetensorError
 from torch._export.serde import serialize as serde
 
 from .. import meta
@@ -38,7 +37,7 @@ from ..errors import FormatError, FxquantError, describe
 from .common import PathLike, atomic_path, fspath, writable
 from .export import export_program
 from .manifest import (DIGESTS_KEY, FORMAT, FORMAT_VERSION, MANIFEST_KEY, SAFETENSORS_DTYPE, SINGLE, check_manifest,
-                       digests, entry, find_entry, read_header, sha256)
+                       digests, entry, find_entry, read_header, sha256, write_safetensors)
 from .common import version
 
 
@@ -60,8 +59,6 @@ def save(model: Union[fx.GraphModule, Mapping[str, fx.GraphModule]], path: PathL
     Example:
         >>> fxquant.save(fxquant.compile(model, "int8-w8a8", calibration=xs), "model.safetensors")  # doctest: +SKIP
     """
-    from safetensors.torch import save_file
-
     path = writable(path, "save")
     is_dict = isinstance(model, Mapping)
     branches = dict(model) if is_dict else {SINGLE: model}
@@ -106,12 +103,8 @@ def save(model: Union[fx.GraphModule, Mapping[str, fx.GraphModule]], path: PathL
                                       "schema_version": list(serde.SCHEMA_VERSION), "tensors": entries}
     text = json.dumps(manifest, sort_keys=True)
     digested = json.dumps(digests(json.loads(text)), sort_keys=True)
-    # safetensors' writer raises (never aborts) on a full disk, so it may write the temp file itself.
-    with atomic_path(path, "save") as tmp:
-        try:
-            save_file(tensors, tmp, metadata={MANIFEST_KEY: text, DIGESTS_KEY: digested})
-        except SafetensorError as e:
-            raise FormatError(f"save: cannot write {path}: {e}") from None
+    with atomic_path(path, "save") as tmp:  # a full disk raises OSError here: FormatError, old file kept
+        write_safetensors(tmp, tensors, {MANIFEST_KEY: text, DIGESTS_KEY: digested})
 
 
 def load(path: PathLike) -> Union[fx.GraphModule, dict[str, fx.GraphModule]]:

@@ -33,6 +33,31 @@ SAFETENSORS_DTYPE = dict(zip(DTYPES, ("F64", "F32", "F16", "BF16", "I64", "I32",
 
 
 
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file with a deterministic layout: header keys sorted, tensors in name order.
+
+    safetensors' own writer orders the metadata keys by a randomly seeded hash map, so the same
+    tensors would give different bytes from one process to the next. The layout (8-byte header
+    length, JSON header padded with spaces to 8 bytes, contiguous data) is the format's spec.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    start = 0
+    for key in sorted(tensors):
+        t = tensors[key]
+        n = t.numel() * t.element_size()
+        header[key] = {"dtype": SAFETENSORS_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [start, start + n]}
+        start += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for key in sorted(tensors):
+            t = tensors[key].detach().cpu().contiguous()
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
 def entry(kind: str, fqn: str, t: torch.Tensor) -> dict[str, Any]:
     return {"kind": kind, "fqn": fqn, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
             "sha256": sha256(t)}
