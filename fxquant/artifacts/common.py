@@ -77,7 +77,9 @@ def atomic_path(path: str, who: str) -> Iterator[str]:
         os.replace(tmp, path)
         _fsync_dir(folder)
     except OSError as e:  # a full disk, a folder made read-only or removed meanwhile
-        raise FormatError(f"{who}: cannot write {path}: {e.strerror or e}") from None
+        # numpy's tofile reports a short write without an errno ("N requested and M written")
+        why = e.strerror or (f"{e} (a short write: is the disk full?)" if e.errno is None else str(e))
+        raise FormatError(f"{who}: cannot write {path}: {why}") from None
     finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)  # gone already after a successful rename
