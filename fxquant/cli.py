@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Trace, calibrate, quantize and save a model (or its CFG branches) to one file.")
     c.add_argument("--model", required=True, help=f"{BUILTIN!r}, 'package.module:function' or 'file.py:function'; the "
                    "function returns an nn.Module or a dict of branch -> nn.Module (called with the branch name if --branches is given)")
-    c.add_argument("--recipe", required=True, help="a preset (int8-w8a8, w8a8-naive, q4_k, q8_0) or a recipe JSON file")
+    c.add_argument("--recipe", required=True, help="a preset (int8-w8a8, int8-w8a8-paper, w8a8-naive, q4_k, q8_0) or a recipe JSON file")
     c.add_argument("--calibration", help="torch.save'd list of input dicts, or a dict of branch -> list "
                    "(default for the built-in model: a generated trajectory)")
     c.add_argument("--branches", help="comma-separated CFG branch names, e.g. cond,uncond (each its own weights)")
@@ -108,6 +108,32 @@ def _quiet_libraries(enabled: bool):
             os.environ["DIFFUSERS_VERBOSITY"] = env
 
 
+class _ToProgress(logging.Handler):
+    """The library's ``fxquant`` logger (each pass, each calibration input) shown as progress lines."""
+
+    def __init__(self, progress: Progress) -> None:
+        super().__init__(logging.INFO)
+        self.progress = progress
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.progress(record.getMessage().removeprefix("fxquant: "))
+
+
+@contextlib.contextmanager
+def _library_progress(progress: Progress, verbose: bool):
+    """Progress from the library comes through `logging`; per-input lines only with --verbose."""
+    lg = logging.getLogger("fxquant")
+    handler, level = _ToProgress(progress), lg.level
+    handler.addFilter(lambda r: verbose or "calibration inputs" not in r.getMessage())
+    lg.addHandler(handler)
+    lg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        lg.removeHandler(handler)
+        lg.setLevel(level)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 error, 2 usage)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -116,9 +142,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as e:  # --help and usage errors
         return int(e.code or 0)
     show_tb = args.traceback or os.environ.get("FXQUANT_TRACEBACK", "") not in ("", "0")
+    progress = Progress(args.quiet)
     try:
-        with _quiet_libraries(not args.verbose):
-            args.func(args, Progress(args.quiet))
+        with _quiet_libraries(not args.verbose), _library_progress(progress, args.verbose):
+            args.func(args, progress)
         return 0
     except KeyboardInterrupt:
         print("fxquant: interrupted", file=sys.stderr)

@@ -156,8 +156,7 @@ def _write_one(gm: fx.GraphModule, path: str) -> GGUFReport:
     if g is None or not meta.records(gm):
         raise FxquantError("save_gguf: this module has no fxquant records; was it produced by fxquant.compile "
                            "with a q4_k or q8_0 recipe?")
-    extra = dict(g.extra)
-    if "model_class" not in extra:
+    if not g.model_class:
         raise FxquantError("save_gguf: the graph record does not name the source model class; "
                            "compile the model with this version of fxquant")
     try:
@@ -165,17 +164,17 @@ def _write_one(gm: fx.GraphModule, path: str) -> GGUFReport:
     except ImportError:  # an optional dependency: say which
         raise MissingDependencyError("save_gguf needs gguf-py: pip install 'fxquant[gguf]'") from None
     tensors = _tensors(gm)
-    linears = [{"name": r.name, "scheme": r.lowering.scheme if r.lowering else "float",
-                "selection": r.selection.kind if r.selection else "",
+    linears = [{"name": r.name, "scheme": r.lowering.scheme.value if r.lowering else "float",
+                "selection": r.selection.kind.value if r.selection else "",
                 "note": r.lowering.note if r.lowering else ""} for _, r in meta.records(gm)]
     S = gguf.GGUFValueType.STRING
-    kv = {"general.architecture": (S, extra["model_class"]), "general.type": (S, "model"),
-          "general.name": (S, extra["model_class"] + (f" ({g.branch})" if g.branch else "")),
+    kv = {"general.architecture": (S, g.model_class), "general.type": (S, "model"),
+          "general.name": (S, g.model_class + (f" ({g.branch})" if g.branch else "")),
           "general.quantization_version": (gguf.GGUFValueType.UINT32, gguf.GGML_QUANT_VERSION),
-          "fxquant.version": (S, version()), "fxquant.model_class": (S, extra["model_class"]),
+          "fxquant.version": (S, version()), "fxquant.model_class": (S, g.model_class),
           "fxquant.recipe": (S, json.dumps(g.recipe, sort_keys=True)), "fxquant.linears": (S, json.dumps(linears))}
-    if "model_config" in extra:
-        kv["fxquant.model_config"] = (S, json.dumps(extra["model_config"], sort_keys=True))
+    if g.model_config is not None:
+        kv["fxquant.model_config"] = (S, json.dumps(g.model_config, sort_keys=True))
     if g.branch:
         kv["fxquant.branch"] = (S, g.branch)
     kv[TENSOR_DIGESTS] = (S, json.dumps({e.name: {"type": e.ggml_type, "ne": list(reversed(e.shape)),
@@ -183,7 +182,7 @@ def _write_one(gm: fx.GraphModule, path: str) -> GGUFReport:
                                          for _, arr, _, e in tensors}, sort_keys=True))
     kv[METADATA_DIGESTS] = (S, json.dumps({k: value_digest(t, v) for k, (t, v) in kv.items()}, sort_keys=True))
     with atomic_path(path, "save_gguf") as tmp:
-        w = gguf.GGUFWriter(tmp, arch=extra["model_class"])  # adds general.architecture itself
+        w = gguf.GGUFWriter(tmp, arch=g.model_class)  # adds general.architecture itself
         try:
             for key, (vtype, value) in kv.items():
                 if key != "general.architecture":

@@ -35,6 +35,7 @@ from torch._export.serde import serialize as serde
 from .. import meta
 from ..errors import FormatError, FxquantError, describe
 from .common import PathLike, atomic_path, fspath, writable
+from ..passes.inline_autocast import InlineAutocast
 from .export import export_program
 from .manifest import (DIGESTS_KEY, FORMAT, FORMAT_VERSION, MANIFEST_KEY, SAFETENSORS_DTYPE, SINGLE, check_manifest,
                        digests, entry, find_entry, read_header, sha256, write_safetensors)
@@ -163,13 +164,13 @@ def _build(path: str, name: str, br: dict[str, Any], tensors: dict[str, torch.Te
         sp = serde._bytes_to_dataclass(serde.ExportedProgram, program)
         import_output_types(sp)
         ep = serde.ExportedProgramDeserializer().deserialize(sp, state, constants, None)
-        gm = ep.module()
+        gm = InlineAutocast()(ep.module()).graph_module  # as after tracing: torch.compile needs it
     except Exception as e:  # noqa: BLE001 - a program torch cannot rebuild is a format problem here
         raise FormatError(f"{path}: tensor '{name}/program': torch {torch.__version__} cannot deserialize the program "
                           f"(saved with torch {saved_with}): {describe(e)}") from e
     found = {r.key: r.to_json() for _, r in meta.records(gm)}
     for layer in sorted(found.keys() | br["layers"].keys()):
-        if found.get(layer) != br["layers"].get(layer):
+        if found.get(layer) != _record_json(br["layers"].get(layer)):
             raise FormatError(f"{path}: metadata of layer {layer!r} (branch {name!r}) disagrees with the saved graph")
     try:
         grec = meta.GraphRecord.from_json(br["graph"])
@@ -177,6 +178,15 @@ def _build(path: str, name: str, br: dict[str, Any], tensors: dict[str, torch.Te
         raise FormatError(f"{path}: metadata key 'branches/{name}/graph' is malformed ({type(e).__name__}: {e})") from None
     meta.set_graph_record(gm, grec)
     return gm
+
+
+def _record_json(raw: Any) -> Any:
+    """A manifest's layer record in this version's JSON form (format 1 records are upgraded the way
+    the graph's own records are), or the raw value if it is not a record at all."""
+    try:
+        return meta.LinearRecord.from_json(raw).to_json()
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return raw
 
 
 def import_output_types(sp: Any) -> None:
