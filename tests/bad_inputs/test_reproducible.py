@@ -17,7 +17,7 @@ import pytest
 
 import fxquant
 
-from .conftest import gguf_calibration, gguf_model, gguf_recipe, w8a8_calibration, w8a8_model
+from .conftest import W8A8_RECIPE, gguf_calibration, gguf_model, gguf_recipe, w8a8_calibration, w8a8_model
 
 WRITERS = {"safetensors": fxquant.save, "pt2": fxquant.save_pt2, "gguf": fxquant.save_gguf}
 
@@ -68,7 +68,7 @@ def _first_difference(a, b):
 
 
 def test_compiling_twice_in_one_process_gives_the_same_bytes(w8a8, q8, tmp_path):
-    again = fxquant.compile(w8a8_model(), "int8-w8a8", calibration=w8a8_calibration())
+    again = fxquant.compile(w8a8_model(), W8A8_RECIPE, calibration=w8a8_calibration())
     q8_again = fxquant.compile(gguf_model(), gguf_recipe(), calibration=gguf_calibration())
     first, second = _save_all(w8a8, q8, tmp_path / "a"), _save_all(again, q8_again, tmp_path / "b")
     for ext in WRITERS:
@@ -81,10 +81,10 @@ def test_another_process_gives_the_same_bytes(w8a8, q8, tmp_path):
         import json, pathlib, sys
         sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parents[2])!r})
         import fxquant
-        from tests.bad_inputs.conftest import (gguf_calibration, gguf_model, gguf_recipe, w8a8_calibration,
+        from tests.bad_inputs.conftest import (W8A8_RECIPE, gguf_calibration, gguf_model, gguf_recipe, w8a8_calibration,
                                                w8a8_model)
         from tests.bad_inputs.test_reproducible import _save_all
-        w8a8 = fxquant.compile(w8a8_model(), "int8-w8a8", calibration=w8a8_calibration())
+        w8a8 = fxquant.compile(w8a8_model(), W8A8_RECIPE, calibration=w8a8_calibration())
         q8 = fxquant.compile(gguf_model(), gguf_recipe(), calibration=gguf_calibration())
         print(json.dumps(_save_all(w8a8, q8, pathlib.Path(sys.argv[1]))))
     """)
