@@ -3,7 +3,8 @@
     save_pt2(gm, "m.pt2")
         export_program(gm) -> torch.export.save into memory (torch's zip writer aborts the process
         on a full disk, so it never writes the file itself)
-        -> archive/.data/serialization_id: its random half set to zeros (two saves, same bytes)
+        -> archive/.data/serialization_id: its random half set to zeros (two saves, same bytes),
+           patched in the one in-memory copy
         -> + archive/extra/fxquant_digests.json   sha256 of every other member of the archive
         -> atomic write (temp file, fsync, rename)
     load_pt2("m.pt2") -> every member checked against its sha256 -> torch.export.load -> ExportedProgram
@@ -52,50 +53,49 @@ def save_pt2(gm: fx.GraphModule, path: PathLike, example: Any = None) -> None:
         torch.export.save(ep, buf)
     except Exception as e:  # noqa: BLE001 - in memory, so no OSError: torch could not serialize it
         raise FxquantError(f"save_pt2: torch.export.save failed: {describe(e)}") from e
-    atomic_write(path, seal(buf.getvalue()), "save_pt2")
+    seal(buf)
+    with buf.getbuffer() as view:  # no copy of the archive
+        atomic_write(path, view, "save_pt2")
 
 
-def seal(data: bytes) -> bytes:
-    """The archive with a fixed serialization id and the digests member appended."""
-    data = _fixed_serialization_id(data)
-    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+def seal(buf: io.BytesIO) -> None:
+    """Fix the archive's serialization id and append the digests member, in place in ``buf``."""
+    _fix_serialization_id(buf)
+    with zipfile.ZipFile(buf) as zf:
         root = zf.namelist()[0].split("/", 1)[0]
-        members = {i.filename: hashlib.sha256(zf.read(i)).hexdigest() for i in zf.infolist()}
+        members = {i.filename: _read("save_pt2", zf, i.filename, hashlib.sha256).hexdigest() for i in zf.infolist()}
     record = {"format": DIGESTS_FORMAT, "version": 1, "fxquant_version": version(), "torch_version": torch.__version__,
               "sha256": members}
-    out = io.BytesIO(data)
-    with zipfile.ZipFile(out, "a") as zf:
+    with zipfile.ZipFile(buf, "a") as zf:
         info = zipfile.ZipInfo(f"{root}/extra/{DIGESTS}", date_time=(1980, 1, 1, 0, 0, 0))
         zf.writestr(info, json.dumps(record, sort_keys=True, indent=1))
-    return out.getvalue()
 
 
-def _fixed_serialization_id(data: bytes) -> bytes:
+def _fix_serialization_id(buf: io.BytesIO) -> None:
     """torch's zip writer ends every archive with 20 random digits; make them zeros (and fix the CRCs)."""
-    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+    with zipfile.ZipFile(buf) as zf:
         info = next((i for i in zf.infolist() if i.filename.endswith("/.data/serialization_id")), None)
         if info is None or info.compress_type != zipfile.ZIP_STORED:
-            return data
+            return
         old, start_dir = zf.read(info), zf.start_dir
     new = old[:20] + b"0" * (len(old) - 20)
-    out = bytearray(data)
-    name_len, extra_len = struct.unpack_from("<HH", out, info.header_offset + 26)
-    at = info.header_offset + 30 + name_len + extra_len
-    out[at:at + len(old)] = new
     crc = struct.pack("<I", zipfile.crc32(new))
-    if struct.unpack_from("<H", out, info.header_offset + 6)[0] & 0x08 == 0:
-        out[info.header_offset + 14:info.header_offset + 18] = crc
-    else:  # the CRC is in the data descriptor after the data (with or without its signature)
-        d = at + len(old) + (4 if out[at + len(old):at + len(old) + 4] == b"PK\x07\x08" else 0)
-        out[d:d + 4] = crc
-    pos, name = start_dir, info.filename.encode()
-    while out[pos:pos + 4] == b"PK\x01\x02":  # the central directory
-        n, x, c = struct.unpack_from("<HHH", out, pos + 28)
-        if out[pos + 46:pos + 46 + n] == name:
-            out[pos + 16:pos + 20] = crc
-            break
-        pos += 46 + n + x + c
-    return bytes(out)
+    with buf.getbuffer() as out:
+        name_len, extra_len = struct.unpack_from("<HH", out, info.header_offset + 26)
+        at = info.header_offset + 30 + name_len + extra_len
+        out[at:at + len(old)] = new
+        if struct.unpack_from("<H", out, info.header_offset + 6)[0] & 0x08 == 0:
+            out[info.header_offset + 14:info.header_offset + 18] = crc
+        else:  # the CRC is in the data descriptor after the data (with or without its signature)
+            d = at + len(old) + (4 if bytes(out[at + len(old):at + len(old) + 4]) == b"PK\x07\x08" else 0)
+            out[d:d + 4] = crc
+        pos, name = start_dir, info.filename.encode()
+        while bytes(out[pos:pos + 4]) == b"PK\x01\x02":  # the central directory
+            n, x, c = struct.unpack_from("<HHH", out, pos + 28)
+            if bytes(out[pos + 46:pos + 46 + n]) == name:
+                out[pos + 16:pos + 20] = crc
+                break
+            pos += 46 + n + x + c
 
 
 def load_pt2(path: PathLike, verify: bool = True) -> torch.export.ExportedProgram:
