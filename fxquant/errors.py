@@ -35,3 +35,7 @@ class PassError(FxquantError):
 
 class FormatError(FxquantError, ValueError):
     """A saved artifact or packed tensor is malformed."""
+
+
+class MissingDependencyError(FxquantError, ImportError):
+    """An optional dependency a feature needs is not installed (the message names the package)."""
