@@ -29,6 +29,9 @@ def compile(
     model: Union[torch.nn.Module, Mapping[str, torch.nn.Module]],
     recipe: RecipeLike,
     calibration: Union[Sequence[Any], Mapping[str, Sequence[Any]], None] = None,
+    *,
+    lora: Any = None,
+    lora_scale: float = 1.0,
 ) -> Union[fx.GraphModule, dict[str, fx.GraphModule]]:
     """Quantize a diffusion transformer into a lowered GraphModule (one per CFG branch).
 
@@ -39,18 +42,27 @@ def compile(
         calibration: a sequence of example inputs (each a dict of keyword arguments or a tuple of
             positional ones); the first is the tracing example. For a dict of branches, a dict with
             the same keys, so each branch is calibrated on the inputs it really sees.
+        lora: merge-before-quantize: a LoRA (file, folder, state dict or `LoraWeights`) merged
+            into the float weights (``W + lora_scale * factor * B @ A``, `fxquant.merge_lora`)
+            before calibration and quantization. For runtime LoRA on the quantized module use
+            `fxquant.apply_lora` instead.
+        lora_scale: the merged LoRA's strength.
 
     Returns:
         A GraphModule with the module's call signature (or a dict of them). The input modules
         are not modified.
 
     Raises:
-        RecipeError, CalibrationError, TraceError, PassError.
+        RecipeError, CalibrationError, TraceError, PassError, LoraError (``lora``).
 
     Example:
         >>> gm = fxquant.compile(model, "w8a8-naive", calibration=[inputs])  # doctest: +SKIP
     """
     recipe = resolve(recipe)
+    if lora is not None:  # a merged copy; the caller's model is not written
+        from .lora.merge import merge_lora
+
+        model = merge_lora(model, lora, lora_scale)
     if isinstance(model, Mapping):
         if not isinstance(calibration, Mapping):
             raise CalibrationError("compile: a dict of branches needs a dict of calibration inputs with the same keys")

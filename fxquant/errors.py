@@ -35,3 +35,8 @@ class PassError(FxquantError):
 
 class FormatError(FxquantError, ValueError):
     """A saved artifact or packed tensor is malformed."""
+
+
+class LoraError(FxquantError, ValueError):
+    """A LoRA file or adapter is malformed or does not fit the module: an unmatched key, a shape
+    mismatch, an unsupported layout, an unknown or duplicate adapter name."""
