@@ -12,13 +12,14 @@ from .artifacts.gguf import GGUFReport, save_gguf
 from .report import report
 from .lora import (LoraWeights, apply_lora, load_lora, lora_adapters, merge_lora, remove_lora,
                    set_lora_scale)
-from .recipe import ActivationScheme, LayerRule, MisalignedPolicy, Recipe, WeightScheme
+from .recipe import LayerRule, MisalignedPolicy, Recipe, SchemeRule
+from .schemes import DecidedBy, Scheme, SelectionKind, SmoothingTarget
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "summary", "Summary", "SummaryRow", "Recipe", "LayerRule", "WeightScheme", "ActivationScheme",
-    "MisalignedPolicy", "FxquantError", "RecipeError", "TraceError", "CalibrationError", "PassError",
+    "compile", "summary", "Summary", "SummaryRow", "Recipe", "LayerRule", "SchemeRule", "Scheme", "SelectionKind",
+    "DecidedBy", "SmoothingTarget", "MisalignedPolicy", "FxquantError", "RecipeError", "TraceError", "CalibrationError", "PassError",
     "FormatError", "__version__", "save_gguf", "GGUFReport", "save", "load", "save_pt2", "export_program",
     "record_inputs", "protection_ladder", "Ladder", "LadderPoint", "report",
     "LoraError", "LoraWeights", "apply_lora", "remove_lora", "set_lora_scale", "lora_adapters", "load_lora",

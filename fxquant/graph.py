@@ -50,6 +50,11 @@ def weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     return get_attr(gm, str(node.args[1].target))
 
 
+def bias_arg(node: fx.Node) -> Optional[fx.Node]:
+    """The bias argument of an ``aten.linear`` node (positional or keyword), or None."""
+    return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+
+
 def get_attr(gm: torch.nn.Module, target: str) -> Any:
     owner, _, leaf = target.rpartition(".")
     mod = gm.get_submodule(owner) if owner else gm
@@ -93,7 +98,14 @@ def get_attr_node(gm: fx.GraphModule, target: str, before: fx.Node) -> fx.Node:
 
 
 def replace_node(gm: fx.GraphModule, node: fx.Node, target: Callable[..., Any], args: tuple, kwargs: Optional[dict] = None) -> fx.Node:
-    """Insert ``target(*args)`` before ``node``, port its meta, rewire its users and erase it."""
+    """Insert ``target(*args)`` before ``node``, port its meta, rewire its users and erase it.
+
+    Metadata-porting policy: the new node takes *every* key of the old one's meta — ``val`` (the
+    output is the same tensor: shape, dtype, device), ``nn_module_stack`` / ``stack_trace`` /
+    ``source_fn_stack`` (where it came from, which names layers), ``fxquant`` and ``custom`` (the
+    typed record and its JSON mirror, which survives export). The rewriting pass then updates the
+    record's own field (``lowering``) through `meta.update`, which keeps the mirror in step.
+    """
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(target, args, kwargs or {})
     new.meta.update({k: v for k, v in node.meta.items()})

@@ -9,17 +9,32 @@ import pytest
 import torch
 
 import fxquant
-from fxquant import meta
+from fxquant import meta, pipeline
 from fxquant.models import ideogram4_inputs, ideogram4_trajectory, reduced_ideogram4
+from fxquant.passes.fold_smoothing import FoldSmoothing
+from fxquant.trace import trace
 
 from .conftest import rel_err
 from .test_other_dit import flux_inputs
-from .test_smoothquant_e2e import folded
 
 LORA = torch.ops.fxquant.lora.default
 W8A8 = torch.ops.fxquant.linear_w8a8.default
 GGUF = torch.ops.fxquant.linear_gguf.default
 LINEAR = torch.ops.aten.linear.default
+
+
+SQ_ONLY = fxquant.Recipe.preset("int8-w8a8").replace(name="sq", protect_top_k=0, protect=())
+
+
+def folded(model, calibration, recipe=SQ_ONLY):
+    """The pipeline of ``recipe`` up to and including fold_smoothing (no lowering): a float graph
+    with every fold in place, on which a LoRA branch must reproduce the merged float model."""
+    passes = pipeline.build(recipe, calibration).passes
+    cut = next(i for i, p in enumerate(passes) if isinstance(p, FoldSmoothing)) + 1
+    gm = trace(model, calibration[0])
+    meta.set_graph_record(gm, meta.GraphRecord(recipe=recipe.to_dict()))
+    with torch.no_grad():
+        return pipeline.run(gm, passes[:cut])
 
 
 def random_lora(model, rank=4, magnitude=0.5, prefix="transformer.", seed=1, only=None):

@@ -34,6 +34,7 @@ import torch.fx as fx
 
 from .. import graph, meta
 from ..errors import LoraError
+from ..schemes import SmoothingTarget
 from .files import TRANSFORMER, UNCONDITIONAL, LoraLayer, LoraSource, LoraWeights, load_lora
 
 LORA = torch.ops.fxquant.lora.default
@@ -153,7 +154,7 @@ def apply_lora(module: Target, lora: LoraSource, scale: float = 1.0, name: str =
     return module
 
 
-FOLDED = ("norm", "adaln", "linear")
+FOLDED = (SmoothingTarget.NORM, SmoothingTarget.ADALN, SmoothingTarget.LINEAR)
 
 
 def _check_vectors(recs, label: str) -> None:
@@ -186,10 +187,10 @@ def _branch_tensors(node: fx.Node, rec: meta.LinearRecord, layer: LoraLayer, row
                         f"not fit linear {rec.name!r} ({rec.in_features} -> {rec.out_features})")
     x, down = node.args[0], layer.down.float()
     sm = rec.smoothing
-    if sm is not None and sm.target == "fused":
+    if sm is not None and sm.target is SmoothingTarget.FUSED:
         if isinstance(x, fx.Node) and x.target is MUL and isinstance(x.args[1], fx.Node) and x.args[1].op == "get_attr":
             x = x.args[0]  # a float linear still fed by mul(x, 1/s): read x before it
-    elif sm is not None and sm.target != "none":
+    elif sm is not None and sm.target in FOLDED:
         if sm.vector is None or tuple(sm.vector.shape) != (rec.in_features,):
             raise LoraError(f"apply_lora: linear {rec.name!r} reads x / s (smoothing folded into {sm.target_name!r}) "
                             f"but its record holds no smoothing vector; recompile it with this fxquant version")
