@@ -4,6 +4,7 @@ and ``.pt2`` round trips, merge-before-quantize. The reference is always the flo
 the LoRA merged into its weights (`fxquant.merge_lora`, checked against PEFT in test_lora_files)."""
 
 import copy
+import types
 
 import pytest
 import torch
@@ -213,6 +214,12 @@ def test_cfg_branches_take_their_own_keys(ideogram_pair, ex):
         assert rel_err(run(gms[k], ex), ref) < 1.5 * rel_err(run(gms[k], ex), fl)
     fxquant.remove_lora(gms, "both")
     assert fxquant.lora_adapters(gms["uncond"]) == {}
+    # A pipeline holding compiled transformers: each attribute's name is its key prefix.
+    pipe = types.SimpleNamespace(transformer=gms["cond"], unconditional_transformer=gms["uncond"])
+    fxquant.apply_lora(pipe, uncond_keys, name="u")
+    assert fxquant.lora_adapters(gms["uncond"]) == {"u": 1.0} and "u" not in fxquant.lora_adapters(gms["cond"])
+    fxquant.set_lora_scale(pipe, "u", 0.5)
+    fxquant.remove_lora(pipe, "u")
     with pytest.raises(fxquant.LoraError, match="branch 'a' has no key prefix"):
         fxquant.apply_lora({"a": gms["cond"]}, cond_only)
     with pytest.raises(fxquant.LoraError, match="text_encoder.x.lora_A.weight.*component 'text_encoder'"):
