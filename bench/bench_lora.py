@@ -20,7 +20,9 @@ against the module without it (best round). By default one thread and this proce
 neighbours (a first wall-clock run at load average 15 had the LoRA variants faster than the
 module without LoRA). It also times `apply_lora` itself (reading nothing
 from disk: a state dict in memory) and `remove_lora`. The load average at start and end is
-recorded: the machine is shared with other processes. Writes JSON to bench/results/lora_cpu.json.
+recorded: the machine is shared with other processes. Before the block, each linear shape of the
+block is timed alone: the W8A8 op and the branch op (`fxquant::lora`) at rank 16 and 64, whose
+ratio is the branch's share without the whole block's noise. Writes bench/results/lora_cpu.json.
 """
 
 from __future__ import annotations
@@ -55,6 +57,34 @@ def block_lora(model: torch.nn.Module, rank: int, seed: int = 0) -> dict[str, to
             out[f"transformer.{name}.lora_B.weight"] = (torch.randn(mod.out_features, rank, generator=g)
                                                         * 0.1 * std).to(torch.bfloat16)
     return out
+
+
+LINEARS = ((4608, 4608), (4608, 12288), (12288, 4608), (512, 27648))  # q/k/v/out, w1/w3, w2, adaLN modulation
+
+
+def per_linear(seq: int, ranks: list[int], reps: int, clock) -> list[dict]:
+    """One linear at each block shape: the W8A8 op alone and its `fxquant::lora` branch alone
+    (bf16, best of ``reps``), so the branch's share is read without the whole block's noise."""
+    from fxquant.ops.w8a8 import quantize_weight_per_channel
+
+    rows = []
+    for k, n in LINEARS:
+        x = torch.randn(seq, k, dtype=torch.bfloat16)
+        wq, ws = quantize_weight_per_channel(torch.randn(n, k) / k ** 0.5)
+        y = torch.ops.fxquant.linear_w8a8(x, wq, ws, None, None)
+        scale = torch.tensor(1.0)
+        fns = {"w8a8": lambda: torch.ops.fxquant.linear_w8a8(x, wq, ws, None, None)}
+        for r in ranks:
+            down, up = torch.randn(r, k, dtype=torch.bfloat16), torch.randn(n, r, dtype=torch.bfloat16)
+            fns[f"lora r{r}"] = (lambda d=down, u=up: torch.ops.fxquant.lora(y, x, d, u, scale, 1.0))
+        best = {name: float("inf") for name in fns}
+        for _ in range(reps):
+            for name, fn in fns.items():
+                t = clock()
+                fn()
+                best[name] = min(best[name], clock() - t)
+        rows.append(dict(tokens=seq, in_features=k, out_features=n, **{f"{name}_ms": 1e3 * v for name, v in best.items()}))
+    return rows
 
 
 def main() -> None:
@@ -96,6 +126,16 @@ def main() -> None:
     print(f"compile w8a8: {compile_s:.1f} s; apply_lora: " + ", ".join(f"r{r} {v:.0f} ms" for r, v in apply_ms.items())
           + "; remove_lora: " + ", ".join(f"r{r} {v:.0f} ms" for r, v in remove_ms.items()), flush=True)
 
+    linears = []
+    for seq in args.seq:
+        linears += per_linear(seq, args.ranks, 2 * args.reps, clock)
+    print(f"\none linear, bf16, best of {2 * args.reps} (ms): the W8A8 op and the LoRA branch op alone")
+    print(f"  {'tokens x in -> out':24}{'w8a8':>10}" + "".join(f"{'lora r' + str(r):>10}{'share':>8}" for r in args.ranks))
+    for row in linears:
+        cells = "".join(f"{row[f'lora r{r}_ms']:10.2f}{row[f'lora r{r}_ms'] / row['w8a8_ms']:8.3f}" for r in args.ranks)
+        print(f"  {row['tokens']:5d} x {row['in_features']:5d} -> {row['out_features']:5d}  {row['w8a8_ms']:10.2f}{cells}",
+              flush=True)
+
     results = []
     for seq in args.seq:
         ex = inputs(seq, torch.bfloat16)
@@ -122,7 +162,7 @@ def main() -> None:
     machine["loadavg_end"] = os.getloadavg()
     print(f"\nload average start {load0}, end {machine['loadavg_end']} (shared machine: other processes ran too)")
     out = dict(machine=machine, compile_s=compile_s, apply_lora_ms=apply_ms, remove_lora_ms=remove_ms,
-               ranks=args.ranks, results=results)
+               ranks=args.ranks, per_linear=linears, results=results)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{args.json}.partial"
     with open(tmp, "w") as f:

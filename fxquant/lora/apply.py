@@ -146,7 +146,7 @@ def apply_lora(module: Target, lora: LoraSource, scale: float = 1.0, name: str =
         if comp not in claimed:
             raise LoraError(f"{who}: {weights.source}: key {layer.key!r} is for component {comp!r}, which none of the "
                             f"branches is (their key prefixes: {sorted(claimed)})")
-    staged = [(gm, [_branch_tensors(n, r, layer, rows.get(r.name, ())) for n, r, layer in plan])
+    staged = [(gm, [_branch_tensors(n, r, layer, rows.get(r.name, ()), _compute_dtype(gm)) for n, r, layer in plan])
               for gm, rows, plan in plans]
     for gm, items in staged:
         if items:
@@ -178,7 +178,17 @@ def _row_scales(recs) -> dict[str, list[tuple[torch.Tensor, int]]]:
     return out
 
 
-def _branch_tensors(node: fx.Node, rec: meta.LinearRecord, layer: LoraLayer, rows) -> tuple:
+def _compute_dtype(gm: fx.GraphModule) -> Optional[torch.dtype]:
+    """The module's compute dtype where it has one (a module from compile / load moved with
+    ``.to(dtype)``); else None, and each branch takes its linear's traced output dtype."""
+    try:
+        dtype = getattr(gm, "dtype")
+    except AttributeError:
+        return None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def _branch_tensors(node: fx.Node, rec: meta.LinearRecord, layer: LoraLayer, rows, dtype: Optional[torch.dtype]) -> tuple:
     """(node, record, branch input node, down, up, factor), rescaled where SmoothQuant folded:
     down's columns by the linear's own s (its input is x / s), up's rows by 1/s of a downstream
     group that folded into this linear's rows (its output is y / s there)."""
@@ -199,7 +209,8 @@ def _branch_tensors(node: fx.Node, rec: meta.LinearRecord, layer: LoraLayer, row
     for s, start in rows:
         up = torch.cat([up[:start], up[start: start + len(s)] / s.float()[:, None], up[start + len(s):]])
     val = node.meta.get("val")
-    dtype = val.dtype if isinstance(val, torch.Tensor) else layer.up.dtype
+    if dtype is None:
+        dtype = val.dtype if isinstance(val, torch.Tensor) else layer.up.dtype
     return node, rec, x, down.to(dtype), up.to(dtype), layer.factor
 
 
