@@ -292,3 +292,17 @@ def test_compile_with_lora_merges_before_quantizing(model, calib, ex):
     ref = fxquant.compile(fxquant.merge_lora(model, lora, 0.8), "w8a8-naive", calibration=calib)
     torch.testing.assert_close(run(gm, ex), run(ref, ex), rtol=0, atol=0)
     assert branch_count(gm) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_op_against_plain_torch(dtype):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 5, 12, generator=g).to(dtype), torch.randn(2, 5, 7, generator=g).to(dtype)
+    down, up = torch.randn(3, 12, generator=g).to(dtype), torch.randn(7, 3, generator=g).to(dtype)
+    scale = torch.tensor(0.7)
+    out = LORA(y, x, down, up, scale, 0.5)
+    ref = y.double() + 0.35 * (x.double() @ down.double().T) @ up.double().T
+    assert out.dtype == dtype and out.shape == y.shape
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2 if dtype is torch.bfloat16 else 1e-5,
+                               atol=2e-2 if dtype is torch.bfloat16 else 1e-5)
+    torch.library.opcheck(LORA, (y, x, down, up, scale, 0.5))
