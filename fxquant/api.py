@@ -58,7 +58,7 @@ def compile(
         are not modified.
 
     Raises:
-        RecipeError, CalibrationError, TraceError, PassError, LoraError (``lora``).
+        RecipeError, CalibrationError, TraceError, PassError, LoraError (``lora``: as `fxquant.merge_lora`).
 
     Example:
         >>> gm = fxquant.compile(model, "w8a8-naive", calibration=[inputs])  # doctest: +SKIP

@@ -263,6 +263,8 @@ def test_bad_input_is_a_lora_error_naming_it(w8a8, model):
     with pytest.raises(fxquant.LoraError, match="to_q.lora_A.weight.*do not fit linear 'layers.0.attention.to_q'"):
         fxquant.apply_lora(gm, bad)
     assert branch_count(gm) == 0 and not hasattr(gm, "fxquant_lora")  # nothing half-applied
+    with pytest.raises(fxquant.LoraError, match="has no LoRA layers"):
+        fxquant.apply_lora(gm, {})
     with pytest.raises(fxquant.LoraError, match="adapter name 'a-b'"):
         fxquant.apply_lora(gm, lora, name="a-b")
     fxquant.apply_lora(gm, lora, name="x")

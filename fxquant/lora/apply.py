@@ -120,10 +120,10 @@ def apply_lora(module: Target, lora: LoraSource, scale: float = 1.0, name: str =
         ``module`` itself, with the branches added to every branch the LoRA has keys for.
 
     Raises:
-        LoraError: an adapter of that name is already applied; a key that matches no linear or no
-            branch; a shape that does not fit the linear; a smoothed linear without its smoothing
-            vector (an artifact from before it was recorded); and what `load_lora` raises. Nothing
-            is changed when it raises.
+        LoraError: a LoRA with no layers; an adapter of that name is already applied; a key
+            that matches no linear or no branch; a shape that does not fit the linear; a smoothed
+            linear without its smoothing vector (an artifact from before it was recorded); and
+            what `load_lora` raises. Nothing is changed when it raises.
 
     Example:
         >>> fxquant.apply_lora(gm, "style.safetensors", scale=0.8, name="style")  # doctest: +SKIP
@@ -146,6 +146,8 @@ def apply_lora(module: Target, lora: LoraSource, scale: float = 1.0, name: str =
         if comp not in claimed:
             raise LoraError(f"{who}: {weights.source}: key {layer.key!r} is for component {comp!r}, which none of the "
                             f"branches is (their key prefixes: {sorted(claimed)})")
+    if not any(plan for _, _, plan in plans):
+        raise LoraError(f"{who}: {weights.source} has no LoRA layers; nothing to apply")
     staged = [(gm, [_branch_tensors(n, r, layer, rows.get(r.name, ()), _compute_dtype(gm)) for n, r, layer in plan])
               for gm, rows, plan in plans]
     for gm, items in staged:

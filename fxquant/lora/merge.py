@@ -49,6 +49,8 @@ def merge_lora(model: Model, lora: LoraSource, scale: float = 1.0, *,
         parts = {k: (m, table[k], f"branch {k!r}") for k, m in model.items()}
     else:
         parts = {None: (model, prefixes if isinstance(prefixes, str) else TRANSFORMER, "model")}
+    if not weights.layers:
+        raise LoraError(f"merge_lora: {weights.source} has no LoRA layers; nothing to merge")
     claimed = {comp for _, comp, _ in parts.values()}
     for comp, layer in weights.layers:
         if comp not in claimed:
