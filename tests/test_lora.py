@@ -24,7 +24,7 @@ GGUF = torch.ops.fxquant.linear_gguf.default
 LINEAR = torch.ops.aten.linear.default
 
 
-SQ_ONLY = fxquant.Recipe.preset("int8-w8a8").replace(name="sq", protect_top_k=0, protect=())
+SQ_ONLY = fxquant.Recipe.preset("int8-w8a8").replace(name="sq", protect_top_k=0, protect=(), protect_budget=0.0, gptq=False)
 
 
 def folded(model, calibration, recipe=SQ_ONLY):
