@@ -39,3 +39,8 @@ class FormatError(FxquantError, ValueError):
 
 class MissingDependencyError(FxquantError, ImportError):
     """An optional dependency a feature needs is not installed (the message names the package)."""
+
+
+class LoraError(FxquantError, ValueError):
+    """A LoRA file or adapter is malformed or does not fit the module: an unmatched key, a shape
+    mismatch, an unsupported layout, an unknown or duplicate adapter name."""
