@@ -99,7 +99,7 @@ def test_int8_w8a8_preset_compiles_saves_and_loads(ideogram, tmp_path):
     rows = {r.name: r for r in fxquant.summary(gm).rows}
     assert rows["layers.0.attention.to_q"].smoothing == "norm"
     assert rows["final_layer.linear"].smoothing == "adaln"
-    assert rows["t_embedding.mlp_out"].scheme == "protected" and rows["t_embedding.mlp_out"].smoothing == "none"
+    assert rows["t_embedding.mlp_out"].kind == "protected" and rows["t_embedding.mlp_out"].smoothing == "none"
     assert {r.smoothing for r in rows.values()} <= {"norm", "adaln", "linear", "fused", "none"}
     assert "smoothing" in str(fxquant.summary(gm)).splitlines()[1]
     # Fused vectors ride inside the W8A8 op; no separate multiply survives lowering.
