@@ -152,7 +152,10 @@ class CollectStats(FxquantPass):
             raise PassError(f"{self.name}: expected a GraphModule from fxquant.trace (torch.export), it has no _in_spec")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        linears = {node: rec.name for node, rec in meta.records(gm)}
+        # Linears observed before (a second run, or a graph already rewritten) keep their statistics.
+        linears = {node: rec.name for node, rec in meta.records(gm) if rec.stats is None}
+        if not linears:
+            return PassResult(gm, False)
         steps: dict[float, dict[fx.Node, Moments]] = {}  # insertion order = denoising order
         channel: dict[fx.Node, torch.Tensor] = {}
         current: dict[str, Any] = {}
