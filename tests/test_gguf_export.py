@@ -141,7 +141,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(FormatError, match="not written by fxquant.save_gguf"):
         load_gguf(other)
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
-    with pytest.raises(FormatError, match="junk.gguf: not a readable GGUF file"):
+    with pytest.raises(FormatError, match="junk.gguf: not a GGUF file"):
         gguf_metadata(tmp_path / "junk.gguf")
     with pytest.raises(FxquantError, match="cannot be file names"):
         save_gguf({"a/b": w8}, tmp_path / "d")
