@@ -34,6 +34,9 @@ def compile(
     recipe: RecipeLike,
     calibration: Union[Sequence[Any], Mapping[str, Sequence[Any]], None] = None,
     dump_dir: Union[str, "os.PathLike[str]", None] = None,
+    *,
+    lora: Any = None,
+    lora_scale: float = 1.0,
 ) -> Union[QuantizedModule, dict[str, QuantizedModule]]:
     """Quantize a diffusion transformer into a lowered GraphModule (one per CFG branch).
 
@@ -46,6 +49,11 @@ def compile(
             the same keys, so each branch is calibrated on the inputs it really sees.
         dump_dir: if set, ``gm.code`` after every pass is written there (a sub-folder per branch).
             Progress goes to the ``fxquant`` logger.
+        lora: merge-before-quantize: a LoRA (file, folder, state dict or `LoraWeights`) merged
+            into the float weights (``W + lora_scale * factor * B @ A``, `fxquant.merge_lora`)
+            before calibration and quantization. For runtime LoRA on the quantized module use
+            `fxquant.apply_lora` instead.
+        lora_scale: the merged LoRA's strength.
 
     Returns:
         A `QuantizedModule` (a ``torch.fx.GraphModule``) with the module's call signature, output
@@ -53,12 +61,16 @@ def compile(
         modules are not modified.
 
     Raises:
-        RecipeError, CalibrationError, TraceError, PassError.
+        RecipeError, CalibrationError, TraceError, PassError, LoraError (``lora``: as `fxquant.merge_lora`).
 
     Example:
         >>> gm = fxquant.compile(model, "w8a8-naive", calibration=[inputs])  # doctest: +SKIP
     """
     recipe = resolve(recipe)
+    if lora is not None:  # a merged copy; the caller's model is not written
+        from .lora.merge import merge_lora
+
+        model = merge_lora(model, lora, lora_scale)
     models, is_dict = as_branches(model, "compile")
     if is_dict and not isinstance(calibration, Mapping):
         raise CalibrationError("compile: a dict of branches needs a dict of calibration inputs with the same keys")

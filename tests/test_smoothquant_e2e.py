@@ -26,7 +26,7 @@ SQ_ONLY = fxquant.Recipe.preset("int8-w8a8-paper").replace(name="sq", protect_to
 
 def folded(model, calibration, recipe=SQ_ONLY):
     """The pipeline of ``recipe`` up to and including fold_smoothing (no lowering): a float graph."""
-    passes = pipeline.build(recipe, calibration)
+    passes = pipeline.build(recipe, calibration).passes
     cut = next(i for i, p in enumerate(passes) if isinstance(p, FoldSmoothing)) + 1
     gm = trace(model, calibration[0])
     meta.set_graph_record(gm, meta.GraphRecord(recipe=recipe.to_dict()))

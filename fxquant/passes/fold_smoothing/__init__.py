@@ -156,8 +156,11 @@ class FoldSmoothing(FxquantPass):
         for pf in fold.params:
             graph.set_parameter(gm, pf.target, apply_param_fold(graph.get_attr(gm, pf.target), pf, s))
             claimed.append(pf)
+        weights = {str(n.args[1].target): r.name for n, r in recs.items()}  # linear weight -> module
+        rows = tuple((weights[pf.target], pf.start) for pf in fold.params if pf.target in weights)
         for m in members:
-            meta.update(m, smoothing=meta.Smoothing(fold.kind, fold.target_name, alpha, names))
+            meta.update(m, smoothing=meta.Smoothing(fold.kind, fold.target_name, alpha, names,
+                                                    vector=s.detach().float().cpu(), scaled_rows=rows))
         return True
 
     def _fuse(self, gm, node: fx.Node, rec: meta.LinearRecord, sample) -> bool:
