@@ -42,7 +42,7 @@ def test_both_branches_swapped_in_and_close_to_float(quantized):
         assert isinstance(gm, fxquant.QuantizedModule) and gm is q[name]
         assert gm.config.in_channels == 16 and gm.dtype == torch.float32 and gm.device.type == "cpu"
     counts = fxquant.summary(q).counts()
-    assert counts.get("w8a8", 0) >= 40, counts  # 46 linears, a few protected
+    assert counts.get("w8a8", 0) >= 35, counts  # 46 linears, a few protected (39 w8a8 with the sensitivity budget)
     img = tp.image(pipe)
     assert img.shape == ref.shape
     assert 47 < tp.psnr(img, ref) < float("inf")  # measured 57.4 dB
