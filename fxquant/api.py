@@ -20,6 +20,7 @@ from . import meta, pipeline
 from .errors import CalibrationError, FxquantError
 from .recipe import Recipe, resolve
 from .artifacts.export import describe_inputs
+from .ownership import own_tensors, take_ownership
 from .trace import check_calibration, trace
 
 RecipeLike = Union[Recipe, str, "os.PathLike[str]"]
@@ -29,6 +30,7 @@ def compile(
     model: Union[torch.nn.Module, Mapping[str, torch.nn.Module]],
     recipe: RecipeLike,
     calibration: Union[Sequence[Any], Mapping[str, Sequence[Any]], None] = None,
+    consume: bool = False,
 ) -> Union[fx.GraphModule, dict[str, fx.GraphModule]]:
     """Quantize a diffusion transformer into a lowered GraphModule (one per CFG branch).
 
@@ -39,10 +41,16 @@ def compile(
         calibration: a sequence of example inputs (each a dict of keyword arguments or a tuple of
             positional ones); the first is the tracing example. For a dict of branches, a dict with
             the same keys, so each branch is calibrated on the inputs it really sees.
+        consume: take the model's weights instead of sharing them: each float weight is freed
+            as soon as it is lowered, so the peak stays near the float model's size (see
+            docs/memory.md). The model is left as an empty shell (meta tensors); do not use it
+            afterwards. Default False: the model is untouched and the compiled module clones
+            what stays float (biases, norms, protected linears), so later in-place changes to
+            the model never reach it.
 
     Returns:
-        A GraphModule with the module's call signature (or a dict of them). The input modules
-        are not modified.
+        A GraphModule with the module's call signature (or a dict of them). It shares no tensor
+        with the input modules, which are not modified (unless ``consume``).
 
     Raises:
         RecipeError, CalibrationError, TraceError, PassError.
@@ -60,24 +68,29 @@ def compile(
             )
         if not model:
             raise CalibrationError("compile: the dict of branches is empty")
-        return {name: _compile_one(m, recipe, calibration[name], name) for name, m in model.items()}
+        return {name: _compile_one(m, recipe, calibration[name], name, consume) for name, m in model.items()}
     if isinstance(calibration, Mapping):
         raise CalibrationError(
             "compile: calibration is a dict but model is a single module; pass a sequence of example inputs "
             "(or a dict of branches as the model)"
         )
-    return _compile_one(model, recipe, calibration, "")
+    return _compile_one(model, recipe, calibration, "", consume)
 
 
-def _compile_one(model: torch.nn.Module, recipe: Recipe, calibration: Any, branch: str) -> fx.GraphModule:
+def _compile_one(model: torch.nn.Module, recipe: Recipe, calibration: Any, branch: str, consume: bool = False) -> fx.GraphModule:
     where = f"calibration[{branch!r}]" if branch else "calibration"
     examples = check_calibration(calibration, where)
     passes = pipeline.build(recipe, examples, branch)
     gm = trace(model, examples[0])
     meta.set_graph_record(gm, meta.GraphRecord(recipe=recipe.to_dict(), branch=branch, extra=_model_facts(model),
                                                 example_inputs=describe_inputs(examples[0])))
+    if consume:
+        take_ownership(model)
     with torch.no_grad():
-        return pipeline.run(gm, passes)
+        gm = pipeline.run(gm, passes)
+        if not consume:
+            own_tensors(gm, model)
+    return gm
 
 
 def _model_facts(model: torch.nn.Module) -> tuple[tuple[str, Any], ...]:

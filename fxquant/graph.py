@@ -9,9 +9,11 @@ import torch
 import torch.fx as fx
 
 from .errors import CalibrationError, PassError
+from .ops import fold as _fold  # noqa: F401 - registers fxquant::scale_param
 from .trace import as_args_kwargs
 
 LINEAR = torch.ops.aten.linear.default
+SCALE_PARAM = torch.ops.fxquant.scale_param.default
 
 
 def is_linear(node: fx.Node) -> bool:
@@ -46,8 +48,27 @@ def module_name(node: fx.Node) -> str | None:
 
 
 def weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
-    """The weight tensor a linear node reads (the node must have a record: its weight is a parameter)."""
-    return get_attr(gm, str(node.args[1].target))
+    """The effective weight a linear node reads (the node must have a record: its weight is a
+    parameter, possibly behind ``fxquant::scale_param`` folds, which are computed here: a new
+    tensor of one layer, never a copy of the model)."""
+    return param_value(gm, node.args[1])
+
+
+def param_value(gm: torch.nn.Module, arg: fx.Node) -> torch.Tensor:
+    """The value of a ``get_attr`` node, or of a chain of ``fxquant::scale_param`` over one."""
+    if arg.op == "get_attr":
+        return get_attr(gm, str(arg.target))
+    if arg.op == "call_function" and arg.target is SCALE_PARAM:
+        p, s, *rest = arg.args
+        return _fold.scale_region(param_value(gm, p), param_value(gm, s), *rest)
+    raise PassError(f"expected a parameter (get_attr or fxquant::scale_param over one), found {arg.format_node()}")
+
+
+def param_root(arg: fx.Node) -> fx.Node:
+    """The ``get_attr`` node under a chain of ``fxquant::scale_param`` (``arg`` itself if none)."""
+    while arg.op == "call_function" and arg.target is SCALE_PARAM:
+        arg = arg.args[0]
+    return arg
 
 
 def get_attr(gm: torch.nn.Module, target: str) -> Any:
@@ -93,13 +114,43 @@ def get_attr_node(gm: fx.GraphModule, target: str, before: fx.Node) -> fx.Node:
 
 
 def replace_node(gm: fx.GraphModule, node: fx.Node, target: Callable[..., Any], args: tuple, kwargs: Optional[dict] = None) -> fx.Node:
-    """Insert ``target(*args)`` before ``node``, port its meta, rewire its users and erase it."""
+    """Insert ``target(*args)`` before ``node``, port its meta, rewire its users and erase it.
+
+    Weights the old node read and nothing reads any more are dropped at once (`release_unused`),
+    so a lowering frees each float weight it replaces layer by layer (when fxquant owns it: see
+    ``compile(consume=True)``), not at the end of the pass."""
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(target, args, kwargs or {})
     new.meta.update({k: v for k, v in node.meta.items()})
     node.replace_all_uses_with(new)
+    inputs = list(node.all_input_nodes)
     gm.graph.erase_node(node)
+    release_unused(gm, inputs)
     return new
+
+
+def release_unused(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+    """Erase the ``get_attr`` / ``fxquant::scale_param`` nodes among ``nodes`` (and below them)
+    that nothing reads, and delete a parameter or buffer once no ``get_attr`` node names it."""
+    todo = list(nodes)
+    while todo:
+        n = todo.pop()
+        if getattr(n, "_erased", False) or n.users or not (n.op == "get_attr" or n.target is SCALE_PARAM):
+            continue
+        todo += list(n.all_input_nodes)
+        target = str(n.target) if n.op == "get_attr" else None
+        gm.graph.erase_node(n)
+        if target is not None and not any(m.op == "get_attr" and m.target == target for m in gm.graph.nodes):
+            _delete_attr(gm, target)
+
+
+def _delete_attr(gm: torch.nn.Module, target: str) -> None:
+    owner, _, leaf = target.rpartition(".")
+    mod = gm.get_submodule(owner) if owner else gm
+    if leaf in mod._parameters:
+        del mod._parameters[leaf]
+    elif leaf in mod._buffers:
+        del mod._buffers[leaf]
 
 
 def remove_unused_attrs(gm: fx.GraphModule) -> list[str]:

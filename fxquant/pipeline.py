@@ -1,7 +1,7 @@
 """The ordered list of passes a recipe implies: the whole pipeline in one visible place.
 
     find_linears -> [collect_stats -> [score_fragility]] -> select_protected
-                 -> [fold_smoothing] -> lower_w8a8 | lower_gguf
+                 -> [fold_smoothing] -> lower_w8a8 | lower_gguf -> [materialize_folds]
 
 Bracketed passes run only when the recipe needs them: calibration statistics for SmoothQuant
 or top-k protection, fragility scores for top-k protection, folding for SmoothQuant.
@@ -19,6 +19,7 @@ from .passes.find_linears import FindLinears
 from .passes.fold_smoothing import FoldSmoothing
 from .passes.lower_gguf import LowerGGUF
 from .passes.lower_w8a8 import LowerW8A8
+from .passes.materialize_folds import MaterializeFolds
 from .passes.score_fragility import ScoreFragility
 from .passes.select_protected import SelectOptions, SelectProtected
 from .recipe import Recipe, WeightScheme
@@ -40,6 +41,8 @@ def build(recipe: Recipe, calibration: Sequence[Any] | None = None, label: str =
         passes.append(LowerW8A8())
     else:
         passes.append(LowerGGUF(recipe.weights, recipe.misaligned))
+    if recipe.smoothquant:
+        passes.append(MaterializeFolds())
     return passes
 
 

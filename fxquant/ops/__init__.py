@@ -4,8 +4,9 @@ Importing this package registers them; a lowered module reloaded with ``torch.ex
 needs ``import fxquant`` first.
 """
 
-from . import gguf, w8a8  # noqa: F401
+from . import fold, gguf, w8a8  # noqa: F401
+from .fold import scale_param
 from .gguf import linear_gguf
 from .w8a8 import linear_w8a8, quantize_act_per_token, quantize_weight_per_channel
 
-__all__ = ["linear_gguf", "linear_w8a8", "quantize_act_per_token", "quantize_weight_per_channel"]
+__all__ = ["scale_param", "linear_gguf", "linear_w8a8", "quantize_act_per_token", "quantize_weight_per_channel"]

@@ -10,9 +10,21 @@ Their weight columns are multiplied by s; 1/s goes to the first place that can t
     linear:  to_out(sdpa(q, k, to_v(x)))                   ->  to_v rows / s;  to_out columns * s   (w3 -> w2 alike)
     fused:   linear(x, W)                                  ->  linear(mul(x, get_attr[l.smooth] = 1/s), W*s)
 
-None of the first three adds a node; the float graph computes the same function. A fused
+None of the first three adds an activation op; the float graph computes the same function. A fused
 vector is private to its linear (computed from its own weights) and ``lower_w8a8`` moves the
 multiply into the W8A8 op's activation quantization.
+
+No smoothed weight is materialized here (that would be a second float copy of the model): each
+changed parameter is read through ``fxquant::scale_param`` nodes over the original and one
+float32 buffer ``<first member>.smooth_vector`` = s per group,
+
+    linear(x, get_attr[W])  ->  linear(x, scale_param(get_attr[W], get_attr[g.smooth_vector], [1], 0, 0.0, False))
+    mul(n, get_attr[norm.w]) -> mul(n, scale_param(get_attr[norm.w], get_attr[g.smooth_vector], [0], 0, 0.0, True))
+
+and the lowering computes one layer's effective weight at a time (`fxquant.graph.weight`);
+``materialize_folds`` bakes what stays float. Within the pass, decided folds wait in a table
+(read through `_Deferred.value`) and join the graph at the end, so the fold finder always walks
+the graph as traced.
 
 Order: groups are smoothed downstream first, so each vector is computed on its group's final
 weights (a fold only writes upstream of the group it serves).
@@ -35,7 +47,8 @@ import torch.fx as fx
 from ... import graph, meta
 from ...errors import PassError, RecipeError
 from .fold_targets import FoldFinder
-from .smoothing import Fold, ParamFold, apply_param_fold, overlapping, search_alpha, smoothing_vector
+from ...ops.fold import scale_region
+from .smoothing import Fold, ParamFold, overlapping, search_alpha, smoothing_vector
 from ..base import FxquantPass, PassResult, require_records
 
 
@@ -112,6 +125,7 @@ class FoldSmoothing(FxquantPass):
         wanted = [x for x, ms in groups.items() if any(recs[m].selection.kind == "quantize" for m in ms)]
         samples = self._capture(gm, wanted) if self.options.alpha_search else {}
         claimed: list[ParamFold] = []  # what earlier groups folded into: a later group must not refold it
+        self._deferred = _Deferred(gm)
         modified = False
         # Downstream groups first: a fold writes only into parameters upstream of its group's input
         # (w2's vector into w3's rows, to_out's into to_v's), so every group's max|W_j| and alpha
@@ -132,6 +146,8 @@ class FoldSmoothing(FxquantPass):
                     modified |= self._fuse(gm, m, recs[m], samples.get(x))
                 else:
                     meta.update(m, smoothing=meta.Smoothing("none", group=(recs[m].name,)))
+        self._deferred.emit()
+        self._deferred = None
         if modified:
             graph.finalize(gm)
         return PassResult(gm, modified)
@@ -139,35 +155,39 @@ class FoldSmoothing(FxquantPass):
     # ---------------------------------------------------------------- rewrites
 
     def _fold(self, gm, fold: Fold, members, quant, recs, sample, claimed) -> bool:
-        ws = [_weight(gm, m) for m in quant]
+        ws = [self._deferred.weight(m) for m in quant]
         act = torch.stack([recs[m].stats.channel_max_abs.float().to(ws[0].device) for m in quant]).amax(0)
         names = tuple(recs[m].name for m in members)
         alpha = self._alpha(act, ws, sample, names[0])
-        s = smoothing_vector(act, torch.stack([w.abs().amax(0) for w in ws]).amax(0), alpha, names[0])
+        s = smoothing_vector(act, torch.stack([_col_absmax(w) for w in ws]).amax(0), alpha, names[0])
+        del ws
         if bool((s == 1).all()):  # nothing to migrate: leave the graph as it is
             for m in members:
                 meta.update(m, smoothing=meta.Smoothing("none", group=names))
             return False
+        s_target = self._deferred.vector(names[0], s)
         for m in members:
-            _scale_columns(gm, m, s)
+            self._deferred.add(str(m.args[1].target), s_target, (1,), 0, 0.0, False)
         for pf in fold.params:
-            graph.set_parameter(gm, pf.target, apply_param_fold(graph.get_attr(gm, pf.target), pf, s))
+            self._deferred.add(pf.target, s_target, pf.dims, pf.start, pf.shift, True)
             claimed.append(pf)
         for m in members:
             meta.update(m, smoothing=meta.Smoothing(fold.kind, fold.target_name, alpha, names))
         return True
 
     def _fuse(self, gm, node: fx.Node, rec: meta.LinearRecord, sample) -> bool:
-        w = _weight(gm, node)
+        w = self._deferred.weight(node)
         act = rec.stats.channel_max_abs.float().to(w.device)
         alpha = self._alpha(act, [w], sample, rec.name)
-        s = smoothing_vector(act, w.abs().amax(0), alpha, rec.name)
+        s = smoothing_vector(act, _col_absmax(w), alpha, rec.name)
+        dtype_w = w.dtype
+        del w
         if bool((s == 1).all()):
             meta.update(node, smoothing=meta.Smoothing("none", group=(rec.name,)))
             return False
         x = node.args[0]
         xval = x.meta.get("val")
-        dtype = xval.dtype if isinstance(xval, torch.Tensor) else w.dtype
+        dtype = xval.dtype if isinstance(xval, torch.Tensor) else dtype_w
         target = f"{rec.name}.smooth"
         graph.set_buffer(gm, target, (1.0 / s).to(dtype))
         with gm.graph.inserting_before(node):
@@ -178,7 +198,7 @@ class FoldSmoothing(FxquantPass):
         if "nn_module_stack" in node.meta:
             mul.meta["nn_module_stack"] = dict(node.meta["nn_module_stack"])
         node.update_arg(0, mul)
-        _scale_columns(gm, node, s)
+        self._deferred.add(str(node.args[1].target), self._deferred.vector(rec.name, s), (1,), 0, 0.0, False)
         meta.update(node, smoothing=meta.Smoothing("fused", rec.name, alpha, (rec.name,)))
         return True
 
@@ -209,10 +229,52 @@ class FoldSmoothing(FxquantPass):
         return {n: torch.cat(r)[: self.options.search_tokens] for n, r in rows.items() if r}
 
 
-def _weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
-    return graph.weight(gm, node)
+def _col_absmax(w: torch.Tensor, rows: int = 1 << 10) -> torch.Tensor:
+    """max |w| per input channel (column), a slice of rows at a time (no full-size |w| copy)."""
+    return torch.stack([w[i:i + rows].abs().amax(0) for i in range(0, w.shape[0], rows)]).amax(0)
 
 
-def _scale_columns(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor) -> None:
-    w = _weight(gm, node)
-    graph.set_parameter(gm, str(node.args[1].target), (w.detach().float() * s[None, :]).to(w.dtype))
+class _Deferred:
+    """The folds one run of the pass decided, in order, per parameter target; joined to the graph
+    as ``fxquant::scale_param`` chains by `emit` (see the module docstring)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.todo: dict[str, list[tuple[str, tuple[int, ...], int, float, bool]]] = {}
+
+    def vector(self, group: str, s: torch.Tensor) -> str:
+        """Register ``s`` (float32) as the group's ``smooth_vector`` buffer; returns its target."""
+        target = f"{group}.smooth_vector"
+        graph.set_buffer(self.gm, target, s.detach().float())
+        return target
+
+    def add(self, target: str, s_target: str, dims: tuple[int, ...], start: int, shift: float, divide: bool) -> None:
+        self.todo.setdefault(target, []).append((s_target, tuple(dims), start, shift, divide))
+
+    def value(self, target: str) -> torch.Tensor:
+        """The parameter as the folds decided so far make it (the original if none: no copy)."""
+        v = graph.get_attr(self.gm, target)
+        for s_target, dims, start, shift, divide in self.todo.get(target, ()):
+            v = scale_region(v, graph.get_attr(self.gm, s_target), list(dims), start, shift, divide)
+        return v
+
+    def weight(self, node: fx.Node) -> torch.Tensor:
+        return self.value(str(node.args[1].target))
+
+    def emit(self) -> None:
+        g = self.gm.graph
+        for target, folds in self.todo.items():
+            for attr in [n for n in g.nodes if n.op == "get_attr" and n.target == target]:
+                users = list(attr.users)
+                if not users:
+                    continue
+                head = attr
+                first = min(users, key=lambda u: list(g.nodes).index(u)) if len(users) > 1 else users[0]
+                with g.inserting_before(first):
+                    for s_target, dims, start, shift, divide in folds:
+                        sv = g.get_attr(s_target)
+                        head = g.call_function(graph.SCALE_PARAM, (head, sv, list(dims), start, shift, divide))
+                        if "val" in attr.meta:
+                            head.meta["val"] = attr.meta["val"]
+                for u in users:
+                    u.replace_input_with(attr, head)
