@@ -64,6 +64,42 @@ def param_value(gm: torch.nn.Module, arg: fx.Node) -> torch.Tensor:
     raise PassError(f"expected a parameter (get_attr or fxquant::scale_param over one), found {arg.format_node()}")
 
 
+def root_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The parameter under a linear's weight (before any fold): its shape and dtype, no copy."""
+    return get_attr(gm, str(param_root(node.args[1]).target))
+
+
+def weight_rows(gm: fx.GraphModule, node: fx.Node, fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+                slice_elems: int = 1 << 22) -> tuple[torch.Tensor, ...]:
+    """``fn`` applied to the effective weight of a linear a slice of rows at a time, its outputs
+    (each with the slice's rows in dim 0) assembled into whole tensors.
+
+    For row-wise codecs (per-channel int8, GGUF blocks) this is bit-identical to ``fn(weight(gm,
+    node))`` and never holds a full float copy of the weight: the folds are computed per slice.
+
+    Example:
+        >>> q, scale = graph.weight_rows(gm, node, quantize_weight_per_channel)  # doctest: +SKIP
+    """
+    chain, arg = [], node.args[1]
+    while arg.op == "call_function" and arg.target is SCALE_PARAM:
+        chain.append(arg)
+        arg = arg.args[0]
+    base = get_attr(gm, str(arg.target))
+    folds = [(param_value(gm, c.args[1]), *c.args[2:]) for c in reversed(chain)]
+    step = max(1, slice_elems // max(1, base[0].numel()))
+    outs: list[torch.Tensor] = []
+    for i in range(0, base.shape[0], step):
+        block = base[i:i + step]
+        for s, dims, start, shift, divide in folds:
+            block = _fold.scale_rows(block, s, dims, start, shift, divide, i, base.ndim)
+        parts = fn(block)
+        if not outs:
+            outs = [torch.empty((base.shape[0], *p.shape[1:]), dtype=p.dtype, device=p.device) for p in parts]
+        for o, p in zip(outs, parts):
+            o[i:i + step] = p
+    return tuple(outs)
+
+
 def param_root(arg: fx.Node) -> fx.Node:
     """The ``get_attr`` node under a chain of ``fxquant::scale_param`` (``arg`` itself if none)."""
     while arg.op == "call_function" and arg.target is SCALE_PARAM:

@@ -65,3 +65,20 @@ def scale_param(p: Tensor, s: Tensor, dims: list[int], start: int, shift: float,
 @scale_param.register_fake
 def _(p: Tensor, s: Tensor, dims: list[int], start: int, shift: float, divide: bool) -> Tensor:
     return torch.empty_like(p)
+
+
+def scale_rows(block: Tensor, s: Tensor, dims: list[int], start: int, shift: float, divide: bool, row0: int,
+               ndim: int) -> Tensor:
+    """Rows ``[row0, row0 + len(block))`` of ``scale_param(p, ...)`` for a parameter ``p`` of
+    ``ndim`` dims, computed from the same rows of ``p`` alone (bit-identical to slicing the whole)."""
+    dims = [d % ndim for d in dims]
+    if 0 not in dims:
+        return scale_region(block, s, dims, start, shift, divide)
+    if len(dims) != 1:
+        raise NotImplementedError("scale_rows: a fold over dim 0 and other dims needs the whole parameter")
+    lo, hi = max(start, row0), min(start + s.numel(), row0 + block.shape[0])
+    if lo >= hi:
+        return block
+    out = block.detach().clone()
+    out[lo - row0:hi - row0] = scale_region(block[lo - row0:hi - row0], s[lo - start:hi - start], [0], 0, shift, divide)
+    return out

@@ -43,8 +43,8 @@ CPU_SLICE_ELEMS = 1 << 21
 # Narrowest column block, for very long sequences: keeps each GEMM wide enough to run at speed
 # (blocks of 512-4096 columns measured within 3% of the unsliced GEMM).
 MIN_COLUMN_BLOCK = 256
-# Elements per float32 slice when quantizing a weight (64 MiB of temporaries at most).
-WEIGHT_SLICE_ELEMS = 1 << 24
+# Elements per float32 slice when quantizing a weight (16 MiB per temporary).
+WEIGHT_SLICE_ELEMS = 1 << 22
 
 
 def quantize_weight_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:

@@ -38,8 +38,8 @@ from ..errors import CalibrationError, FxquantError, PassError, describe
 from ..trace import as_args_kwargs
 from .base import FxquantPass, PassResult, require_records
 
-# Elements per float64 chunk: bounds the transient copy of one large activation.
-CHUNK = 1 << 22
+# Elements per float64 chunk: bounds the transient copies of one large activation (8 MiB each).
+CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ class LowerGGUF(FxquantPass):
         for node, rec in meta.records(gm):
             if not graph.is_linear(node):  # already lowered (a pass run twice): nothing to do
                 continue
-            w = graph.weight(gm, node)
+            w = graph.root_weight(gm, node)  # shape and dtype; folds are computed per slice below
             if not w.is_floating_point():
                 raise PassError(f"{self.name}: linear {rec.name!r} has a {w.dtype} weight, expected a float weight")
             if rec.selection.kind != "quantize":
@@ -88,7 +88,8 @@ class LowerGGUF(FxquantPass):
                 meta.update(node, lowering=meta.float_lowering(w, note))
                 continue
             # The codecs quantize float32 (as llama.cpp does from f16/bf16); new tensor, never in place.
-            packed = torch.from_numpy(codecs.quantize(w.detach().float().cpu().numpy(), qtype)).to(w.device)
+            packed = graph.weight_rows(gm, node, lambda rows: (torch.from_numpy(
+                codecs.quantize(rows.detach().float().cpu().numpy(), qtype)).to(w.device),))[0]
             target = rec.name + QWEIGHT_SUFFIX
             graph.set_buffer(gm, target, packed)
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")

@@ -47,7 +47,7 @@ import torch.fx as fx
 from ... import graph, meta
 from ...errors import PassError, RecipeError
 from .fold_targets import FoldFinder
-from ...ops.fold import scale_region
+from ...ops.fold import scale_region, scale_rows
 from .smoothing import Fold, ParamFold, overlapping, search_alpha, smoothing_vector
 from ..base import FxquantPass, PassResult, require_records
 
@@ -155,12 +155,11 @@ class FoldSmoothing(FxquantPass):
     # ---------------------------------------------------------------- rewrites
 
     def _fold(self, gm, fold: Fold, members, quant, recs, sample, claimed) -> bool:
-        ws = [self._deferred.weight(m) for m in quant]
-        act = torch.stack([recs[m].stats.channel_max_abs.float().to(ws[0].device) for m in quant]).amax(0)
+        w_max = torch.stack([self._deferred.col_absmax(m) for m in quant]).amax(0)
+        act = torch.stack([recs[m].stats.channel_max_abs.float().to(w_max.device) for m in quant]).amax(0)
         names = tuple(recs[m].name for m in members)
-        alpha = self._alpha(act, ws, sample, names[0])
-        s = smoothing_vector(act, torch.stack([_col_absmax(w) for w in ws]).amax(0), alpha, names[0])
-        del ws
+        alpha = self._alpha(act, quant, sample, names[0])
+        s = smoothing_vector(act, w_max, alpha, names[0])
         if bool((s == 1).all()):  # nothing to migrate: leave the graph as it is
             for m in members:
                 meta.update(m, smoothing=meta.Smoothing("none", group=names))
@@ -176,12 +175,11 @@ class FoldSmoothing(FxquantPass):
         return True
 
     def _fuse(self, gm, node: fx.Node, rec: meta.LinearRecord, sample) -> bool:
-        w = self._deferred.weight(node)
-        act = rec.stats.channel_max_abs.float().to(w.device)
-        alpha = self._alpha(act, [w], sample, rec.name)
-        s = smoothing_vector(act, _col_absmax(w), alpha, rec.name)
-        dtype_w = w.dtype
-        del w
+        w_max = self._deferred.col_absmax(node)
+        act = rec.stats.channel_max_abs.float().to(w_max.device)
+        alpha = self._alpha(act, [node], sample, rec.name)
+        s = smoothing_vector(act, w_max, alpha, rec.name)
+        dtype_w = graph.root_weight(gm, node).dtype
         if bool((s == 1).all()):
             meta.update(node, smoothing=meta.Smoothing("none", group=(rec.name,)))
             return False
@@ -204,10 +202,11 @@ class FoldSmoothing(FxquantPass):
 
     # ---------------------------------------------------------------- alpha search
 
-    def _alpha(self, act: torch.Tensor, weights: list[torch.Tensor], sample: Optional[torch.Tensor], where: str) -> float:
+    def _alpha(self, act: torch.Tensor, linears: list[fx.Node], sample: Optional[torch.Tensor], where: str) -> float:
         """The fixed alpha, or the candidate minimising the simulated W8A8 error of the group."""
         if not self.options.alpha_search or sample is None:
             return self.options.alpha
+        weights = [self._deferred.weight(m) for m in linears]  # the search needs whole weights
         return search_alpha(act, weights, sample, self.options.alpha_search, where)
 
     def _capture(self, gm: fx.GraphModule, wanted: list[fx.Node]) -> dict[fx.Node, torch.Tensor]:
@@ -227,11 +226,6 @@ class FoldSmoothing(FxquantPass):
             with torch.no_grad():
                 watch.run(*graph.graph_inputs(gm, ex, f"calibration[{i}]", self.name))
         return {n: torch.cat(r)[: self.options.search_tokens] for n, r in rows.items() if r}
-
-
-def _col_absmax(w: torch.Tensor, rows: int = 1 << 10) -> torch.Tensor:
-    """max |w| per input channel (column), a slice of rows at a time (no full-size |w| copy)."""
-    return torch.stack([w[i:i + rows].abs().amax(0) for i in range(0, w.shape[0], rows)]).amax(0)
 
 
 class _Deferred:
@@ -260,6 +254,22 @@ class _Deferred:
 
     def weight(self, node: fx.Node) -> torch.Tensor:
         return self.value(str(node.args[1].target))
+
+    def col_absmax(self, node: fx.Node, slice_elems: int = 1 << 22) -> torch.Tensor:
+        """max |W| per input channel of a linear's weight as the folds so far make it, computed a
+        slice of rows at a time (no full-size copy of the weight or of |W|)."""
+        target = str(node.args[1].target)
+        base = graph.get_attr(self.gm, target)
+        folds = [(graph.get_attr(self.gm, s_t), *rest) for s_t, *rest in self.todo.get(target, ())]
+        step = max(1, slice_elems // max(1, base[0].numel()))
+        out = None
+        for i in range(0, base.shape[0], step):
+            block = base[i:i + step]
+            for s, dims, start, shift, divide in folds:
+                block = scale_rows(block, s, list(dims), start, shift, divide, i, base.ndim)
+            m = block.abs().amax(0)
+            out = m if out is None else torch.maximum(out, m)
+        return out
 
     def emit(self) -> None:
         g = self.gm.graph
