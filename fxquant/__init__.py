@@ -3,6 +3,7 @@
 from . import ops as _ops  # noqa: F401  (registers the fxquant:: custom ops)
 from .api import Summary, SummaryRow, compile, summary
 from .calibrate import record_inputs
+from .observe import Observed, observe
 from .ladder import Ladder, LadderPoint, protection_ladder
 from .errors import (CalibrationError, FormatError, FxquantError, PassError, RecipeError,
                      TraceError)
@@ -18,5 +19,5 @@ __all__ = [
     "compile", "summary", "Summary", "SummaryRow", "Recipe", "LayerRule", "WeightScheme", "ActivationScheme",
     "MisalignedPolicy", "FxquantError", "RecipeError", "TraceError", "CalibrationError", "PassError",
     "FormatError", "__version__", "save_gguf", "GGUFReport", "save", "load", "save_pt2", "export_program",
-    "record_inputs", "protection_ladder", "Ladder", "LadderPoint", "report",
+    "record_inputs", "observe", "Observed", "protection_ladder", "Ladder", "LadderPoint", "report",
 ]

@@ -20,6 +20,7 @@ from . import meta, pipeline
 from .errors import CalibrationError, FxquantError
 from .recipe import Recipe, resolve
 from .artifacts.export import describe_inputs
+from .observe import Observed
 from .ownership import own_tensors, take_ownership
 from .trace import check_calibration, trace
 
@@ -39,8 +40,9 @@ def compile(
         recipe: a `Recipe`, a preset name (``"int8-w8a8"``, ``"w8a8-naive"``, ``"q4_k"``, ``"q8_0"``)
             or a path to a recipe JSON file.
         calibration: a sequence of example inputs (each a dict of keyword arguments or a tuple of
-            positional ones); the first is the tracing example. For a dict of branches, a dict with
-            the same keys, so each branch is calibrated on the inputs it really sees.
+            positional ones); the first is the tracing example. Or what `fxquant.observe` gathered
+            while the model ran (streamed statistics, nothing re-run). For a dict of branches, a
+            dict with the same keys, so each branch is calibrated on the inputs it really sees.
         consume: take the model's weights instead of sharing them: each float weight is freed
             as soon as it is lowered, so the peak stays near the float model's size (see
             docs/memory.md). The model is left as an empty shell (meta tensors); do not use it
@@ -79,8 +81,11 @@ def compile(
 
 def _compile_one(model: torch.nn.Module, recipe: Recipe, calibration: Any, branch: str, consume: bool = False) -> fx.GraphModule:
     where = f"calibration[{branch!r}]" if branch else "calibration"
+    if isinstance(calibration, Observed) and not len(calibration):
+        raise CalibrationError(f"{where}: fxquant.observe saw no call of the module; run the model inside the with-block")
     examples = check_calibration(calibration, where)
-    passes = pipeline.build(recipe, examples, branch)
+    # Statistics streamed by fxquant.observe go to the passes as they are (nothing is re-run).
+    passes = pipeline.build(recipe, calibration if isinstance(calibration, Observed) else examples, branch)
     gm = trace(model, examples[0])
     meta.set_graph_record(gm, meta.GraphRecord(recipe=recipe.to_dict(), branch=branch, extra=_model_facts(model),
                                                 example_inputs=describe_inputs(examples[0])))

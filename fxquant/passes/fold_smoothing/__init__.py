@@ -46,6 +46,7 @@ import torch.fx as fx
 
 from ... import graph, meta
 from ...errors import PassError, RecipeError
+from ...observe import Observed
 from .fold_targets import FoldFinder
 from ...ops.fold import scale_region, scale_rows
 from .smoothing import Fold, ParamFold, overlapping, search_alpha, smoothing_vector
@@ -111,6 +112,9 @@ class FoldSmoothing(FxquantPass):
                                 f"expected ({r.in_features},)")
         if self.options.alpha_search and not self.calibration:
             raise PassError(f"{self.name}: alpha_search needs the calibration inputs")
+        if self.options.alpha_search and isinstance(self.calibration, Observed) and not self.calibration.samples:
+            raise PassError(f"{self.name}: alpha_search needs raw activation rows, and fxquant.observe kept none; "
+                            "observe with search_tokens > 0 (e.g. observe(module, search_tokens=512))")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         recs = dict(meta.records(gm))
@@ -123,7 +127,7 @@ class FoldSmoothing(FxquantPass):
                   for a in n.args[1:3] if isinstance(a, fx.Node)}
         finder = FoldFinder(gm, frozen)
         wanted = [x for x, ms in groups.items() if any(recs[m].selection.kind == "quantize" for m in ms)]
-        samples = self._capture(gm, wanted) if self.options.alpha_search else {}
+        samples = self._samples(gm, wanted, groups, recs) if self.options.alpha_search else {}
         claimed: list[ParamFold] = []  # what earlier groups folded into: a later group must not refold it
         self._deferred = _Deferred(gm)
         modified = False
@@ -208,6 +212,13 @@ class FoldSmoothing(FxquantPass):
             return self.options.alpha
         weights = [self._deferred.weight(m) for m in linears]  # the search needs whole weights
         return search_alpha(act, weights, sample, self.options.alpha_search, where)
+
+    def _samples(self, gm, wanted, groups, recs) -> dict[fx.Node, torch.Tensor]:
+        """Input rows per group: kept by `fxquant.observe` while the model ran, else captured here."""
+        if not isinstance(self.calibration, Observed):
+            return self._capture(gm, wanted)
+        rows = {x: self.calibration.sample(recs[groups[x][0]].key) for x in wanted}
+        return {x: r[: self.options.search_tokens] for x, r in rows.items() if r is not None}
 
     def _capture(self, gm: fx.GraphModule, wanted: list[fx.Node]) -> dict[fx.Node, torch.Tensor]:
         """Up to ``search_tokens`` evenly spaced input rows of each group, over the calibration set."""
