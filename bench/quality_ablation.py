@@ -27,7 +27,7 @@ Seeded random weights have neither kind of outlier, so `plant_outliers` adds the
   huge, cancelling terms is the error. Keeping those linears in float removes it.
 
 Which linears are protected is decided by the pipeline (``collect_stats`` -> ``score_fragility`` ->
-``select_protected``), not here: ``protect_top_k`` = one slot per linear fed by a massive
+``select_schemes``), not here: ``protect_top_k`` = one slot per linear fed by a massive
 activation (the w2s of the planted blocks + ``t_embedding.mlp_out``: the paper's top-17 of
 Ideogram 4 are its 16 massive-activation ``w2``s + ``mlp_out``), without scaling by linear count
 (``protect_reference_linears=0``), plus the preset's ``t_embedding.mlp_out`` rule. The bench prints
@@ -188,7 +188,7 @@ def ablation(seed: int = 1, layers: int = 4, channels: int = 4, factor: float = 
         gm = fxquant.compile(model, recipe, calibration=calibration)
         errors[name] = held_out_error(gm, held, refs)
         if name == "SmoothQuant + protection":
-            protected = [r.name for r in fxquant.summary(gm).rows if r.scheme == "protected"]
+            protected = [r.name for r in fxquant.summary(gm).rows if r.kind == "protected"]
     return {"seed": seed, "factor": factor, "massive": massive, "errors": errors, "protected": protected}
 
 

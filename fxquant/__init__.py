@@ -11,13 +11,14 @@ from .artifacts.export import export_program, save_pt2
 from .artifacts.io import load, save
 from .artifacts.gguf import GGUFReport, save_gguf
 from .report import report
-from .recipe import ActivationScheme, LayerRule, MisalignedPolicy, Recipe, WeightScheme
+from .recipe import LayerRule, MisalignedPolicy, Recipe, SchemeRule
+from .schemes import DecidedBy, Scheme, SelectionKind, SmoothingTarget
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "summary", "Summary", "SummaryRow", "Recipe", "LayerRule", "WeightScheme", "ActivationScheme",
-    "MisalignedPolicy", "FxquantError", "RecipeError", "TraceError", "CalibrationError", "PassError",
+    "compile", "summary", "Summary", "SummaryRow", "Recipe", "LayerRule", "SchemeRule", "Scheme", "SelectionKind",
+    "DecidedBy", "SmoothingTarget", "MisalignedPolicy", "FxquantError", "RecipeError", "TraceError", "CalibrationError", "PassError",
     "FormatError", "__version__", "save_gguf", "GGUFReport", "save", "load", "save_pt2", "export_program",
     "record_inputs", "observe", "Observed", "protection_ladder", "Ladder", "LadderPoint", "report",
 ]

@@ -19,9 +19,11 @@ import torch.fx as fx
 from . import meta, pipeline
 from .errors import CalibrationError, FxquantError
 from .recipe import Recipe, resolve
+from .schemes import Scheme, SelectionKind
 from .artifacts.export import describe_inputs
 from .observe import Observed
 from .ownership import own_tensors, take_ownership
+from .branches import as_branches, unless_dict
 from .trace import check_calibration, trace
 
 RecipeLike = Union[Recipe, str, "os.PathLike[str]"]
@@ -32,6 +34,7 @@ def compile(
     recipe: RecipeLike,
     calibration: Union[Sequence[Any], Mapping[str, Sequence[Any]], None] = None,
     consume: bool = False,
+    dump_dir: Union[str, "os.PathLike[str]", None] = None,
 ) -> Union[fx.GraphModule, dict[str, fx.GraphModule]]:
     """Quantize a diffusion transformer into a lowered GraphModule (one per CFG branch).
 
@@ -49,6 +52,8 @@ def compile(
             afterwards. Default False: the model is untouched and the compiled module clones
             what stays float (biases, norms, protected linears), so later in-place changes to
             the model never reach it.
+        dump_dir: if set, ``gm.code`` after every pass is written there (a sub-folder per branch).
+            Progress goes to the ``fxquant`` logger.
 
     Returns:
         A GraphModule with the module's call signature (or a dict of them). It shares no tensor
@@ -61,62 +66,61 @@ def compile(
         >>> gm = fxquant.compile(model, "w8a8-naive", calibration=[inputs])  # doctest: +SKIP
     """
     recipe = resolve(recipe)
-    if isinstance(model, Mapping):
-        if not isinstance(calibration, Mapping):
-            raise CalibrationError("compile: a dict of branches needs a dict of calibration inputs with the same keys")
-        if set(calibration) != set(model):
-            raise CalibrationError(
-                f"compile: calibration keys {sorted(calibration)} do not match branch keys {sorted(model)}"
-            )
-        if not model:
-            raise CalibrationError("compile: the dict of branches is empty")
-        return {name: _compile_one(m, recipe, calibration[name], name, consume) for name, m in model.items()}
-    if isinstance(calibration, Mapping):
+    models, is_dict = as_branches(model, "compile")
+    if is_dict and not isinstance(calibration, Mapping):
+        raise CalibrationError("compile: a dict of branches needs a dict of calibration inputs with the same keys")
+    if not is_dict and isinstance(calibration, Mapping):
         raise CalibrationError(
             "compile: calibration is a dict but model is a single module; pass a sequence of example inputs "
             "(or a dict of branches as the model)"
         )
-    return _compile_one(model, recipe, calibration, "", consume)
+    if is_dict and set(calibration) != set(models):
+        raise CalibrationError(f"compile: calibration keys {sorted(calibration)} do not match branch keys {sorted(models)}")
+    out = {name: _compile_one(m, recipe, calibration[name] if is_dict else calibration, name, dump_dir, consume)
+           for name, m in models.items()}
+    return unless_dict(out, is_dict)
 
 
-def _compile_one(model: torch.nn.Module, recipe: Recipe, calibration: Any, branch: str, consume: bool = False) -> fx.GraphModule:
+def _compile_one(model: torch.nn.Module, recipe: Recipe, calibration: Any, branch: str, dump_dir: Any,
+                 consume: bool = False) -> fx.GraphModule:
     where = f"calibration[{branch!r}]" if branch else "calibration"
     if isinstance(calibration, Observed) and not len(calibration):
         raise CalibrationError(f"{where}: fxquant.observe saw no call of the module; run the model inside the with-block")
     examples = check_calibration(calibration, where)
+    if dump_dir is not None and branch:
+        dump_dir = os.path.join(os.fspath(dump_dir), branch)
     # Statistics streamed by fxquant.observe go to the passes as they are (nothing is re-run).
-    passes = pipeline.build(recipe, calibration if isinstance(calibration, Observed) else examples, branch)
+    passes = pipeline.build(recipe, calibration if isinstance(calibration, Observed) else examples, branch, dump_dir)
     gm = trace(model, examples[0])
-    meta.set_graph_record(gm, meta.GraphRecord(recipe=recipe.to_dict(), branch=branch, extra=_model_facts(model),
+    meta.set_graph_record(gm, meta.GraphRecord(recipe=recipe.to_dict(), branch=branch, **_model_facts(model),
                                                 example_inputs=describe_inputs(examples[0])))
     if consume:
         take_ownership(model)
     with torch.no_grad():
-        gm = pipeline.run(gm, passes)
+        gm = passes(gm)
         if not consume:
             own_tensors(gm, model)
     return gm
 
 
-def _model_facts(model: torch.nn.Module) -> tuple[tuple[str, Any], ...]:
+def _model_facts(model: torch.nn.Module) -> dict[str, Any]:
     """The source model's class and (for a diffusers ``ConfigMixin``) its JSON config, which
     `save_gguf` records so a loader can rebuild the architecture without the original module."""
-    facts: list[tuple[str, Any]] = [("model_class", type(model).__name__)]
     to_json = getattr(model, "to_json_string", None)
-    if callable(to_json):
-        facts.append(("model_config", json.loads(to_json())))
-    return tuple(facts)
+    return {"model_class": type(model).__name__, "model_config": json.loads(to_json()) if callable(to_json) else None}
 
 
 # ---------------------------------------------------------------- summary
 
-COLUMNS = ("name", "scheme", "in_features", "out_features", "bits_per_weight", "fragility", "rank", "smoothing", "reason")
+COLUMNS = ("name", "scheme", "kind", "in_features", "out_features", "bits_per_weight", "fragility", "rank", "smoothing",
+           "reason")
 
 
 @dataclass(frozen=True)
 class SummaryRow:
     name: str
-    scheme: str  # "w8a8" | "q4_k" | "q8_0" | "protected" | "skipped" | "float"
+    scheme: str  # how it is stored: a `Scheme` value ("w8a8", "q4_k", "q8_0", "float")
+    kind: str  # why: a `SelectionKind` value ("quantize", "protected", "skipped")
     in_features: int
     out_features: int
     bits_per_weight: Optional[float]
@@ -145,11 +149,20 @@ class Summary:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, by: str = "scheme") -> dict[str, int]:
+        """Linears per scheme (``by="scheme"``) or per selection kind (``by="kind"``)."""
+        if by not in ("scheme", "kind"):
+            raise FxquantError(f"Summary.counts: by must be 'scheme' or 'kind', got {by!r}")
         out: dict[str, int] = {}
         for r in self.rows:
-            out[r.scheme] = out.get(r.scheme, 0) + 1
+            key = getattr(r, by)
+            out[key] = out.get(key, 0) + 1
         return out
+
+    @property
+    def quantized(self) -> int:
+        """How many linears are stored in a quantized scheme (anything but float)."""
+        return sum(1 for r in self.rows if r.scheme != Scheme.FLOAT.value)
 
     def __str__(self) -> str:
         def cell(r: SummaryRow, c: str) -> str:
@@ -170,7 +183,11 @@ class Summary:
                 lines.append("  ".join("-" * w for w in widths))
         total_bytes = sum(r.weight_bytes or 0 for r in self.rows)
         counts = ", ".join(f"{v} {k}" for k, v in sorted(self.counts().items()))
-        lines.append(f"{len(self.rows)} linears: {counts}; linear weights {total_bytes / 2**20:.2f} MiB")
+        kinds = ", ".join(f"{v} {k}" for k, v in sorted(self.counts("kind").items()) if k != SelectionKind.QUANTIZE.value)
+        lines.append(f"{len(self.rows)} linears: {counts}" + (f" ({kinds})" if kinds else "")
+                     + f"; linear weights {total_bytes / 2**20:.2f} MiB")
+        if self.rows and not self.quantized:
+            lines.append("warning: no linear is quantized: every linear stays float")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -184,8 +201,9 @@ def summary(gm: Union[fx.GraphModule, Mapping[str, fx.GraphModule]]) -> Summary:
     Raises:
         FxquantError: if ``gm`` was not produced by `fxquant.compile` (no records).
     """
-    if isinstance(gm, Mapping):
-        parts = {name: summary(g) for name, g in gm.items()}
+    branches, is_dict = as_branches(gm, "summary")
+    if is_dict:
+        parts = {name: summary(g) for name, g in branches.items()}
         rows = [dataclasses.replace(r, branch=name) for name, p in parts.items() for r in p.rows]
         notes = [f"{name}: {n}" for name, p in parts.items() for n in p.notes]
         return Summary(rows, f"fxquant summary: {len(gm)} branches ({', '.join(gm)})", notes)
@@ -198,18 +216,16 @@ def summary(gm: Union[fx.GraphModule, Mapping[str, fx.GraphModule]]) -> Summary:
     rows = []
     for _, r in recs:
         low, sel = r.lowering, r.selection
-        if sel is not None and sel.kind != "quantize":
-            scheme = sel.kind
-        else:
-            scheme = low.scheme if low is not None else "float"
+        scheme = low.scheme.value if low is not None else Scheme.FLOAT.value
         reason = sel.reason if sel is not None else ""
-        if low is not None and low.note:
+        if low is not None and low.note and low.note not in reason:
             reason = f"{reason}; {low.note}" if reason else low.note
         rows.append(SummaryRow(
-            name=r.key, scheme=scheme, in_features=r.in_features, out_features=r.out_features,
+            name=r.key, scheme=scheme, kind=sel.kind.value if sel is not None else "-",
+            in_features=r.in_features, out_features=r.out_features,
             bits_per_weight=low.bits_per_weight if low else None, weight_bytes=low.weight_bytes if low else None,
             fragility=r.fragility.score if r.fragility else None, rank=r.fragility.rank if r.fragility else None,
-            smoothing=r.smoothing.target if r.smoothing else "-", reason=reason,
+            smoothing=r.smoothing.target.value if r.smoothing else "-", reason=reason,
         ))
     header = "fxquant summary"
     if g is not None:
@@ -218,6 +234,6 @@ def summary(gm: Union[fx.GraphModule, Mapping[str, fx.GraphModule]]) -> Summary:
             header += f", branch {g.branch!r}"
         if g.spearman_rho is not None:
             header += f", fragility rank stability (Spearman rho early vs late) {g.spearman_rho:.3f}"
-    computed = dict(g.extra).get("computed_weight_linears") if g is not None else None
+    computed = g.computed_weight_linears if g is not None else ()
     notes = [f"{len(computed)} linear op(s) with computed weights left in float: {', '.join(computed)}"] if computed else []
     return Summary(rows, header, notes)

@@ -107,6 +107,32 @@ def _quiet_libraries(enabled: bool):
             os.environ["DIFFUSERS_VERBOSITY"] = env
 
 
+class _ToProgress(logging.Handler):
+    """The library's ``fxquant`` logger (each pass, each calibration input) shown as progress lines."""
+
+    def __init__(self, progress: Progress) -> None:
+        super().__init__(logging.INFO)
+        self.progress = progress
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.progress(record.getMessage().removeprefix("fxquant: "))
+
+
+@contextlib.contextmanager
+def _library_progress(progress: Progress, verbose: bool):
+    """Progress from the library comes through `logging`; per-input lines only with --verbose."""
+    lg = logging.getLogger("fxquant")
+    handler, level = _ToProgress(progress), lg.level
+    handler.addFilter(lambda r: verbose or "calibration inputs" not in r.getMessage())
+    lg.addHandler(handler)
+    lg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        lg.removeHandler(handler)
+        lg.setLevel(level)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 error, 2 usage)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -115,9 +141,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as e:  # --help and usage errors
         return int(e.code or 0)
     show_tb = args.traceback or os.environ.get("FXQUANT_TRACEBACK", "") not in ("", "0")
+    progress = Progress(args.quiet)
     try:
-        with _quiet_libraries(not args.verbose):
-            args.func(args, Progress(args.quiet))
+        with _quiet_libraries(not args.verbose), _library_progress(progress, args.verbose):
+            args.func(args, progress)
         return 0
     except KeyboardInterrupt:
         print("fxquant: interrupted", file=sys.stderr)

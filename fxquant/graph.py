@@ -107,6 +107,11 @@ def param_root(arg: fx.Node) -> fx.Node:
     return arg
 
 
+def bias_arg(node: fx.Node) -> Optional[fx.Node]:
+    """The bias argument of an ``aten.linear`` node (positional or keyword), or None."""
+    return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+
+
 def get_attr(gm: torch.nn.Module, target: str) -> Any:
     owner, _, leaf = target.rpartition(".")
     mod = gm.get_submodule(owner) if owner else gm
@@ -151,6 +156,12 @@ def get_attr_node(gm: fx.GraphModule, target: str, before: fx.Node) -> fx.Node:
 
 def replace_node(gm: fx.GraphModule, node: fx.Node, target: Callable[..., Any], args: tuple, kwargs: Optional[dict] = None) -> fx.Node:
     """Insert ``target(*args)`` before ``node``, port its meta, rewire its users and erase it.
+
+    Metadata-porting policy: the new node takes *every* key of the old one's meta — ``val`` (the
+    output is the same tensor: shape, dtype, device), ``nn_module_stack`` / ``stack_trace`` /
+    ``source_fn_stack`` (where it came from, which names layers), ``fxquant`` and ``custom`` (the
+    typed record and its JSON mirror, which survives export). The rewriting pass then updates the
+    record's own field (``lowering``) through `meta.update`, which keeps the mirror in step.
 
     Weights the old node read and nothing reads any more are dropped at once (`release_unused`),
     so a lowering frees each float weight it replaces layer by layer (when fxquant owns it: see

@@ -1,10 +1,11 @@
 """The protection ladder: output error against the float model as more fragile linears stay float.
 
     trace -> find_linears -> collect_stats -> score_fragility            (once)
-    for k in ks:  deepcopy -> select_protected(top k) -> [fold_smoothing] -> lower   (per k)
+    for k in ks:  deepcopy -> select_schemes(top k) -> [fold_smoothing] -> lower   (per k)
                   -> relative error vs the float model on held-out inputs
 
-The passes are the pipeline's own (`fxquant.pipeline.build`), split after the analysis; the
+The passes are the pipeline's own (`fxquant.pipeline.build`), its analysis phase once, then its
+decide and rewrite phases per k; the
 calibration statistics are computed once and never per k. ``k`` here is a literal count (no
 scaling by ``protect_reference_linears``); the recipe's explicit ``protect`` rules still apply
 at every k, so the curve is the recipe's own with a varying top-k.
@@ -28,13 +29,10 @@ import torch.utils._pytree as pytree
 
 from . import meta, pipeline
 from .errors import CalibrationError, RecipeError
-from .passes.collect_stats import CollectStats
-from .passes.find_linears import FindLinears
-from .passes.score_fragility import ScoreFragility
 from .recipe import Recipe, resolve
+from .schemes import SelectionKind
 from .trace import as_args_kwargs, check_calibration, trace
 
-ANALYSIS = (FindLinears, CollectStats, ScoreFragility)
 
 
 @dataclass(frozen=True)
@@ -147,18 +145,18 @@ def protection_ladder(
     ks = sorted(set(ks))
 
     analysis_recipe = recipe.replace(protect_top_k=max(1, ks[-1]), protect_reference_linears=0)
-    analysis = [p for p in pipeline.build(analysis_recipe, calibration) if isinstance(p, ANALYSIS)]
+    analysis = pipeline.build(analysis_recipe, calibration).only(pipeline.ANALYSIS)
     gm = trace(model, calibration[0])
     meta.set_graph_record(gm, meta.GraphRecord(recipe=recipe.to_dict()))
     with torch.no_grad():
-        gm = pipeline.run(gm, analysis)
+        gm = analysis(gm)
 
     refs = [_float_leaves(_call(model, ev)) for ev in evaluation]
     ref_sq = sum(float(r.double().pow(2).sum()) for leaves in refs for r in leaves)
     points = []
     for k in ks:
         passes = pipeline.build(recipe.replace(protect_top_k=k, protect_reference_linears=0), calibration)
-        lowered = pipeline.run(copy.deepcopy(gm), [p for p in passes if not isinstance(p, ANALYSIS)])
+        lowered = passes.only(pipeline.DECIDE, pipeline.REWRITE)(copy.deepcopy(gm))
         err_sq, worst = 0.0, 0.0
         for ev, ref in zip(evaluation, refs):
             out = _float_leaves(_call(lowered, ev))
@@ -167,7 +165,7 @@ def protection_ladder(
             worst = max(worst, math.sqrt(e / max(sum(float(r.double().pow(2).sum()) for r in ref), 1e-300)))
         recs = [r for _, r in meta.records(lowered)]
         points.append(LadderPoint(
-            k=k, protected=tuple(r.name for r in recs if r.selection.kind != "quantize"),
+            k=k, protected=tuple(r.name for r in recs if r.selection.kind is not SelectionKind.QUANTIZE),
             rel_error=math.sqrt(err_sq / max(ref_sq, 1e-300)), max_rel_error=worst,
             weight_bytes=sum(r.lowering.weight_bytes for r in recs if r.lowering is not None)))
         del lowered

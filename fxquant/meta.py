@@ -13,19 +13,30 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.fx as fx
 
+from .schemes import DecidedBy, Scheme, SelectionKind, SmoothingTarget
+
 KEY = "fxquant"
+
+
+class StepStats(NamedTuple):
+    """Statistics of one linear's input at one timestep (JSON: a 4-element list, in this order)."""
+
+    timestep: float
+    max_abs: float
+    std: float
+    kurtosis: float
 
 
 @dataclass(frozen=True)
 class ActStats:
     """Input-activation statistics of one linear (written by ``collect_stats``).
 
-    ``per_step`` holds one ``(timestep, max_abs, std, kurtosis)`` per distinct timestep, in
+    ``per_step`` holds one `StepStats` ``(timestep, max_abs, std, kurtosis)`` per distinct timestep, in
     denoising order (the order the timesteps first appear in the calibration inputs);
     ``std`` is the population std and ``kurtosis`` Pearson's (m4 / m2**2, 3 for a Gaussian).
     ``channel_max_abs`` is the per-input-channel max |x| over all calibration tokens
@@ -36,7 +47,7 @@ class ActStats:
     std: float
     kurtosis: float
     count: int
-    per_step: tuple[tuple[float, float, float, float], ...] = ()  # (timestep, max_abs, std, kurtosis)
+    per_step: tuple[StepStats, ...] = ()
     channel_max_abs: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -57,36 +68,61 @@ class Fragility:
 
 @dataclass(frozen=True)
 class Selection:
-    """Written by ``select_protected``: whether the linear is quantized, protected or skipped, and why."""
+    """Written by ``select_schemes``: the linear's scheme, whether it is quantized, protected or
+    skipped, why (``reason``, shown by `fxquant.summary`) and what decided it."""
 
-    kind: str  # "quantize" | "protected" | "skipped"
+    kind: SelectionKind
+    scheme: Scheme
     reason: str = ""
-    by: str = ""  # what decided it: "rule" | "top_k" ("" for quantize)
+    by: DecidedBy = DecidedBy.DEFAULT
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", SelectionKind(self.kind))
+        object.__setattr__(self, "scheme", Scheme(self.scheme))
+        object.__setattr__(self, "by", DecidedBy(self.by))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind.value, "scheme": self.scheme.value, "reason": self.reason, "by": self.by.value}
 
 
 @dataclass(frozen=True)
 class Smoothing:
     """Written by ``fold_smoothing``: where the linear's smoothing vector went."""
 
-    target: str  # "norm" | "adaln" | "linear" | "fused" | "none"
+    target: SmoothingTarget
     target_name: str = ""
     alpha: float = 0.0
     group: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target", SmoothingTarget(self.target))
+        object.__setattr__(self, "group", tuple(self.group))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target": self.target.value, "target_name": self.target_name, "alpha": self.alpha,
+                "group": list(self.group)}
+
 
 @dataclass(frozen=True)
 class Lowering:
-    """Written by the lowering pass (``lower_w8a8`` or ``lower_gguf``)."""
+    """Written by the lowering pass that owns the linear's scheme (``lower_w8a8``, ``lower_gguf``, ``keep_float``)."""
 
-    scheme: str  # "w8a8" | "q4_k" | "q8_0" | "float"
+    scheme: Scheme
     bits_per_weight: float
     weight_bytes: int
     note: str = ""
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scheme", Scheme(self.scheme))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scheme": self.scheme.value, "bits_per_weight": self.bits_per_weight,
+                "weight_bytes": self.weight_bytes, "note": self.note}
+
 
 def float_lowering(w: torch.Tensor, note: str = "") -> Lowering:
     """The lowering record of a linear left in its float dtype (bits and bytes as stored now)."""
-    return Lowering("float", float(torch.finfo(w.dtype).bits), w.numel() * w.element_size(), note)
+    return Lowering(Scheme.FLOAT, float(torch.finfo(w.dtype).bits), w.numel() * w.element_size(), note)
 
 
 @dataclass(frozen=True)
@@ -100,9 +136,9 @@ class LinearRecord:
     call: int = 0  # which call of the module this node is: 0, or 1, 2, ... for a module called again (find_linears)
     stats: Optional[ActStats] = None  # collect_stats
     fragility: Optional[Fragility] = None  # score_fragility
-    selection: Optional[Selection] = None  # select_protected
+    selection: Optional[Selection] = None  # select_schemes
     smoothing: Optional[Smoothing] = None  # fold_smoothing
-    lowering: Optional[Lowering] = None  # lower_w8a8 / lower_gguf
+    lowering: Optional[Lowering] = None  # the lowering pass owning selection.scheme
 
     @property
     def key(self) -> str:
@@ -127,41 +163,63 @@ class LinearRecord:
         if "stats" in d:
             s = d["stats"]
             kw["stats"] = ActStats(s["max_abs"], s["std"], s["kurtosis"], s["count"],
-                                   tuple(tuple(x) for x in s.get("per_step", ())))
+                                   tuple(StepStats(*x) for x in s.get("per_step", ())))
         if "fragility" in d:
             kw["fragility"] = Fragility(**d["fragility"])
-        if "selection" in d:
-            kw["selection"] = Selection(**d["selection"])
-        if "smoothing" in d:
-            sm = dict(d["smoothing"])
-            sm["group"] = tuple(sm.get("group", ()))
-            kw["smoothing"] = Smoothing(**sm)
         if "lowering" in d:
             kw["lowering"] = Lowering(**d["lowering"])
+        if "selection" in d:
+            kw["selection"] = _selection_from_json(d["selection"], kw.get("lowering"))
+        if "smoothing" in d:
+            kw["smoothing"] = Smoothing(**d["smoothing"])
         return LinearRecord(**kw)
 
 
 @dataclass(frozen=True)
 class GraphRecord:
-    """Graph-level facts at ``gm.meta["fxquant"]``."""
+    """Graph-level facts at ``gm.meta["fxquant"]``, each written by the one place named beside it."""
 
     recipe: dict[str, Any]  # Recipe.to_dict() (compile)
     branch: str = ""  # CFG branch name, "" for a single module (compile)
     spearman_rho: Optional[float] = None  # early vs late ranking stability (score_fragility)
     num_calibration: int = 0  # (collect_stats)
-    extra: tuple[tuple[str, Any], ...] = ()
     timesteps: tuple[float, ...] = ()  # distinct calibration timesteps, in denoising order (collect_stats)
     example_inputs: Optional[dict[str, Any]] = None  # shapes/dtypes of the tracing example, export.describe_inputs (compile)
+    model_class: str = ""  # the source model's class name (compile)
+    model_config: Optional[dict[str, Any]] = None  # its diffusers config as JSON, if it has one (compile)
+    computed_weight_linears: tuple[str, ...] = ()  # linear ops whose weight is computed in the graph (find_linears)
 
     def to_json(self) -> dict[str, Any]:
-        return {"recipe": self.recipe, "branch": self.branch, "spearman_rho": self.spearman_rho,
-                "num_calibration": self.num_calibration, "extra": {k: v for k, v in self.extra},
-                "timesteps": list(self.timesteps), "example_inputs": self.example_inputs}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["timesteps"], out["computed_weight_linears"] = list(self.timesteps), list(self.computed_weight_linears)
+        return out
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> "GraphRecord":
-        return GraphRecord(d["recipe"], d.get("branch", ""), d.get("spearman_rho"), d.get("num_calibration", 0),
-                           tuple(d.get("extra", {}).items()), tuple(d.get("timesteps", ())), d.get("example_inputs"))
+        d = dict(d)
+        extra = d.pop("extra", None) or {}  # format 1 kept the last three fields in an "extra" object
+        if not isinstance(extra, dict):
+            raise ValueError(f"'extra' is {extra!r}, expected an object")
+        for key in ("model_class", "model_config", "computed_weight_linears"):
+            if key in extra:
+                d.setdefault(key, extra[key])
+        known = {f.name for f in dataclasses.fields(GraphRecord)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown}")
+        d["timesteps"] = tuple(d.get("timesteps", ()))
+        d["computed_weight_linears"] = tuple(d.get("computed_weight_linears", ()))
+        return GraphRecord(**d)
+
+
+def _selection_from_json(d: dict[str, Any], lowering: Optional[Lowering]) -> Selection:
+    """Format 1 (fxquant 0.1) wrote no scheme and ``by`` "" for the default; its scheme was the
+    lowering's (a protected or skipped linear stayed float)."""
+    d = dict(d)
+    if "scheme" not in d:
+        d["scheme"] = lowering.scheme if lowering is not None else Scheme.FLOAT
+    d["by"] = d.get("by") or DecidedBy.DEFAULT
+    return Selection(**d)
 
 
 def _plain(v: Any) -> Any:

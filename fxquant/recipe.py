@@ -1,11 +1,20 @@
 """Recipes: what to quantize, how, and what to leave alone.
 
-A recipe is a frozen, validated dataclass. It round-trips through JSON
-(`Recipe.to_json` / `Recipe.from_json`), and presets are looked up by name::
+A recipe is a frozen, validated dataclass. It decides one `Scheme` per linear (the selection
+pass applies it; lowering passes only carry it out):
 
-    >>> r = Recipe.preset("w8a8-naive")
+    skip rule -> skipped (float, untouched)     protect rule / fragility top-k -> protect_scheme
+    scheme rule (first match) -> its scheme     otherwise -> default
+    and a scheme whose block does not divide in_features -> the misaligned policy
+
+It round-trips through JSON (`Recipe.to_json` / `Recipe.from_json`), presets are looked up by name,
+and a JSON file of format 1 (``weights`` / ``activations`` keys) still reads::
+
+    >>> r = Recipe.preset("q4_k_m")
     >>> Recipe.from_json(r.to_json()) == r
     True
+    >>> Recipe.from_dict({"rules": [{"match": "layers.*.feed_forward.w2", "scheme": "q8_0"}], "default": "q4_k"}).default
+    <Scheme.Q4_K: 'q4_k'>
 """
 
 from __future__ import annotations
@@ -19,17 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from .errors import RecipeError
-
-
-class WeightScheme(str, enum.Enum):
-    INT8 = "int8"  # per-output-channel symmetric int8
-    Q4_K = "q4_k"  # GGUF k-quant, 4.5 bits/weight
-    Q8_0 = "q8_0"  # GGUF, 8.5 bits/weight
-
-
-class ActivationScheme(str, enum.Enum):
-    INT8_PER_TOKEN = "int8_per_token"  # dynamic symmetric int8, one scale per token
-    NONE = "none"  # weight-only: activations stay in the model's float dtype
+from .schemes import Scheme, info
 
 
 class FragilityScore(str, enum.Enum):
@@ -39,10 +38,11 @@ class FragilityScore(str, enum.Enum):
 
 
 class MisalignedPolicy(str, enum.Enum):
-    """What a GGUF recipe does with a linear whose in_features is not a multiple of the block size."""
+    """What becomes of a linear whose in_features is not a multiple of its scheme's block size
+    (256 for Q4_K, 32 for Q8_0)."""
 
     KEEP_FLOAT = "keep_float"
-    Q8_0 = "q8_0"
+    Q8_0 = "q8_0"  # Q8_0 if in_features is a multiple of 32, else float
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,54 @@ class LayerRule:
         raise RecipeError(f"recipe.{key}: expected a glob string or {{'pattern': str, 'required': bool}}, got {value!r}")
 
 
+@dataclass(frozen=True)
+class SchemeRule:
+    """Linears whose qualified name matches the glob ``match`` get ``scheme``; the first matching
+    rule wins. A rule with ``required=True`` that matches no linear is an error.
+
+    JSON: ``{"match": "layers.*.feed_forward.w2", "scheme": "q8_0"}`` (``"required": false`` optional).
+    """
+
+    match: str
+    scheme: Scheme
+    required: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.match, str) or not self.match:
+            raise RecipeError(f"recipe.rules: 'match' must be a non-empty glob string, got {self.match!r}")
+        object.__setattr__(self, "scheme", _enum(Scheme, self.scheme, "rules[].scheme"))
+        if not isinstance(self.required, bool):
+            raise RecipeError(f"recipe.rules: 'required' must be true or false, got {self.required!r}")
+
+    def matches(self, name: str) -> bool:
+        return fnmatch.fnmatchcase(name, self.match)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"match": self.match, "scheme": self.scheme.value}
+        if not self.required:
+            out["required"] = False
+        return out
+
+    @staticmethod
+    def parse(value: Any, where: str) -> "SchemeRule":
+        if isinstance(value, SchemeRule):
+            return value
+        if not isinstance(value, Mapping) or not {"match", "scheme"} <= set(value) <= {"match", "scheme", "required"}:
+            raise RecipeError(f"recipe.{where}: expected {{'match': glob, 'scheme': scheme, 'required'?: bool}}, "
+                              f"got {value!r}")
+        return SchemeRule(value["match"], value["scheme"], value.get("required", True))
+
+
 def _rules(values: Iterable[Any], key: str) -> tuple[LayerRule, ...]:
     if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
         raise RecipeError(f"recipe.{key}: expected a list of patterns, got {values!r}")
     return tuple(LayerRule.parse(v, key) for v in values)
+
+
+def _scheme_rules(values: Any) -> tuple[SchemeRule, ...]:
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, (list, tuple)):
+        raise RecipeError(f"recipe.rules: expected a list of {{'match', 'scheme'}} objects, got {values!r}")
+    return tuple(SchemeRule.parse(v, f"rules[{i}]") for i, v in enumerate(values))
 
 
 def _enum(cls: type[enum.Enum], value: Any, key: str) -> Any:
@@ -94,24 +138,27 @@ class Recipe:
 
     Args:
         name: a label, recorded in saved artifacts.
-        weights: the weight scheme (``int8``, ``q4_k``, ``q8_0``).
-        activations: ``int8_per_token`` (W8A8) or ``none`` (weight-only, required for GGUF).
+        default: the scheme of every linear no rule and no protection decides (`Scheme`).
+        rules: `SchemeRule` s, first match wins: per-layer schemes (``q8_0`` for the FFN
+            down-projections of a ``q4_k`` model, say).
         smoothquant: fold SmoothQuant vectors into preceding weights (needs calibration).
         alpha: SmoothQuant migration strength, in [0, 1].
         alpha_search: candidate alphas for a per-layer search on calibration data (empty: fixed alpha).
         protect_top_k: keep the k most fragile linears in float (needs calibration). For a model
             with fewer linears than the reference (279 in Ideogram 4), k is scaled by
-            ``protect_reference_linears``; see `fxquant.passes.select_protected`.
+            ``protect_reference_linears``; see `fxquant.passes.select_schemes`.
         protect_reference_linears: the linear count ``protect_top_k`` was chosen for (0: no scaling).
         fragility_score: how fragility is scored from activation statistics.
-        protect: rules for linears kept in float because they are fragile (shown as ``protected``).
+        protect: rules for linears kept at ``protect_scheme`` because they are fragile (``protected``).
+        protect_scheme: what protected linears become: ``float`` (the paper) or a cheaper scheme
+            such as ``q8_0`` (llama.cpp's Q4_K_M keeps its sensitive tensors at higher precision).
         skip: rules for linears left untouched by every pass (shown as ``skipped``).
-        misaligned: GGUF policy for a linear whose in_features is not a multiple of the block size.
+        misaligned: what a linear becomes whose in_features is not a multiple of its scheme's block.
     """
 
     name: str = "custom"
-    weights: WeightScheme = WeightScheme.INT8
-    activations: ActivationScheme = ActivationScheme.INT8_PER_TOKEN
+    default: Scheme = Scheme.W8A8
+    rules: tuple[SchemeRule, ...] = ()
     smoothquant: bool = False
     alpha: float = 0.5
     alpha_search: tuple[float, ...] = ()
@@ -119,13 +166,15 @@ class Recipe:
     protect_reference_linears: int = 0
     fragility_score: FragilityScore = FragilityScore.KURTOSIS_X_MAXABS
     protect: tuple[LayerRule, ...] = ()
+    protect_scheme: Scheme = Scheme.FLOAT
     skip: tuple[LayerRule, ...] = ()
     misaligned: MisalignedPolicy = MisalignedPolicy.KEEP_FLOAT
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "weights", _enum(WeightScheme, self.weights, "weights"))
-        set_(self, "activations", _enum(ActivationScheme, self.activations, "activations"))
+        set_(self, "default", _enum(Scheme, self.default, "default"))
+        set_(self, "protect_scheme", _enum(Scheme, self.protect_scheme, "protect_scheme"))
+        set_(self, "rules", _scheme_rules(self.rules))
         set_(self, "fragility_score", _enum(FragilityScore, self.fragility_score, "fragility_score"))
         set_(self, "misaligned", _enum(MisalignedPolicy, self.misaligned, "misaligned"))
         set_(self, "protect", _rules(self.protect, "protect"))
@@ -147,13 +196,17 @@ class Recipe:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise RecipeError(f"recipe.{key}: expected an integer >= 0, got {v!r}")
-        gguf = self.weights in (WeightScheme.Q4_K, WeightScheme.Q8_0)
-        if gguf and self.activations is not ActivationScheme.NONE:
-            raise RecipeError(f"recipe.activations: GGUF weights ({self.weights.value}) are weight-only; set activations to 'none'")
-        if not gguf and self.activations is ActivationScheme.NONE:
-            raise RecipeError("recipe.activations: 'none' (weight-only) is supported for q4_k and q8_0 weights, not int8")
-        if gguf and self.smoothquant:
-            raise RecipeError("recipe.smoothquant: SmoothQuant needs quantized activations; GGUF recipes are weight-only")
+        if self.smoothquant and not any(info(s).quantized_activations for s in self.schemes):
+            raise RecipeError(f"recipe.smoothquant: SmoothQuant needs a scheme that quantizes activations (w8a8); "
+                              f"this recipe only uses {sorted(s.value for s in self.schemes)} (weight-only)")
+
+    @property
+    def schemes(self) -> frozenset[Scheme]:
+        """Every scheme this recipe can give a linear (before the misaligned policy)."""
+        out = {self.default, *(r.scheme for r in self.rules)}
+        if self.protect_top_k or self.protect:
+            out.add(self.protect_scheme)
+        return frozenset(out)
 
     @property
     def needs_calibration(self) -> bool:
@@ -166,7 +219,7 @@ class Recipe:
             v = getattr(self, f.name)
             if isinstance(v, enum.Enum):
                 v = v.value
-            elif f.name in ("protect", "skip"):
+            elif f.name in ("protect", "skip", "rules"):
                 v = [r.to_json() for r in v]
             elif isinstance(v, tuple):
                 v = list(v)
@@ -180,12 +233,13 @@ class Recipe:
     def from_dict(cls, data: Mapping[str, Any]) -> "Recipe":
         if not isinstance(data, Mapping):
             raise RecipeError(f"recipe: expected a JSON object, got {type(data).__name__}")
+        data = _upgrade_format1(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise RecipeError(f"recipe: unknown key(s) {unknown}; known keys are {sorted(known)}")
         kwargs = dict(data)
-        for key in ("alpha_search", "protect", "skip"):
+        for key in ("alpha_search", "protect", "skip", "rules"):
             if key in kwargs and not isinstance(kwargs[key], (list, tuple)):
                 raise RecipeError(f"recipe.{key}: expected a list, got {kwargs[key]!r}")
             if key in kwargs and key == "alpha_search":
@@ -210,20 +264,46 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
 
+def _upgrade_format1(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """fxquant 0.1 recipes named one scheme for the whole model with ``weights`` + ``activations``."""
+    if "weights" not in data and "activations" not in data:
+        return data
+    if "default" in data:
+        raise RecipeError("recipe: give either 'default' or the old 'weights'/'activations' keys, not both")
+    data = dict(data)
+    weights, activations = data.pop("weights", "int8"), data.pop("activations", None)
+    legacy = {("int8", "int8_per_token"): "w8a8", ("int8", None): "w8a8", ("q4_k", "none"): "q4_k",
+              ("q4_k", None): "q4_k", ("q8_0", "none"): "q8_0", ("q8_0", None): "q8_0"}
+    key = (weights, activations)
+    if key not in legacy:
+        raise RecipeError(f"recipe.weights/activations: {weights!r} with {activations!r} is not a scheme; "
+                          f"schemes are {[s.value for s in Scheme]} (use 'default')")
+    data["default"] = legacy[key]
+    return data
+
+
 # The paper's recipe: SmoothQuant (alpha 0.5) plus mixed-precision protection of the 17 most
 # fragile of Ideogram 4's 279 linears, and the time-embedding output always.
+_PAPER = Recipe(
+    name="int8-w8a8",
+    smoothquant=True,
+    alpha=0.5,
+    protect_top_k=17,
+    protect_reference_linears=279,
+    protect=(LayerRule("t_embedding.mlp_out", required=False),),
+)
+
 PRESETS: dict[str, Recipe] = {
-    "int8-w8a8": Recipe(
-        name="int8-w8a8",
-        smoothquant=True,
-        alpha=0.5,
-        protect_top_k=17,
-        protect_reference_linears=279,
-        protect=(LayerRule("t_embedding.mlp_out", required=False),),
-    ),
+    "int8-w8a8": _PAPER,
+    # The paper's recipe with the protected linears stored Q8_0 (weight-only) instead of float.
+    "int8-w8a8-q8": _PAPER.replace(name="int8-w8a8-q8", protect_scheme=Scheme.Q8_0),
     "w8a8-naive": Recipe(name="w8a8-naive"),
-    "q4_k": Recipe(name="q4_k", weights=WeightScheme.Q4_K, activations=ActivationScheme.NONE),
-    "q8_0": Recipe(name="q8_0", weights=WeightScheme.Q8_0, activations=ActivationScheme.NONE),
+    "q4_k": Recipe(name="q4_k", default=Scheme.Q4_K),
+    # llama.cpp's Q4_K_M idea: Q4_K, with the most fragile linears (same ranking and k as the
+    # paper's) in Q8_0; linears too narrow for Q4_K's 256-blocks go Q8_0 rather than float.
+    "q4_k_m": Recipe(name="q4_k_m", default=Scheme.Q4_K, protect_top_k=17, protect_reference_linears=279,
+                     protect_scheme=Scheme.Q8_0, misaligned=MisalignedPolicy.Q8_0),
+    "q8_0": Recipe(name="q8_0", default=Scheme.Q8_0),
 }
 
 

@@ -23,6 +23,7 @@ import torch.fx as fx
 from . import meta
 from .errors import FxquantError
 from .ladder import Ladder
+from .schemes import DecidedBy, SelectionKind
 
 GraphLike = Union[fx.GraphModule, Mapping[str, fx.GraphModule]]
 
@@ -90,12 +91,12 @@ COLORS = {"protected: top-k": "tab:red", "protected: rule": "tab:orange", "skipp
 
 
 def _color(sel: dict[str, Any]) -> str:
-    kind = sel.get("kind", "quantize")
-    if kind == "quantize":
+    kind = sel.get("kind", SelectionKind.QUANTIZE)
+    if kind == SelectionKind.QUANTIZE:
         return COLORS["quantized"]
-    if kind == "skipped":
+    if kind == SelectionKind.SKIPPED:
         return COLORS["skipped"]
-    return COLORS["protected: top-k" if sel.get("by") == "top_k" else "protected: rule"]
+    return COLORS["protected: top-k" if sel.get("by") == DecidedBy.TOP_K else "protected: rule"]
 
 
 def _plot_ladder(ladder: Ladder, title: str, path: str) -> None:
@@ -136,8 +137,13 @@ def _markdown(section: str, g: Optional[meta.GraphRecord], rows: list[dict[str, 
                      f"timesteps (denoising order): {', '.join(f'{t:g}' for t in g.timesteps) or '-'}")
         rho = "-" if g.spearman_rho is None else f"{g.spearman_rho:.3f}"
         lines.append(f"- ranking stability, Spearman rho of early vs late half of the trajectory: {rho}")
-    kept = [r for r in rows if r.get("selection", {}).get("kind", "quantize") != "quantize"]
-    lines += [f"- kept in float: {len(kept)} of {len(rows)} linears", "",
+    schemes: dict[str, int] = {}
+    for r in rows:
+        sc = r.get("lowering", {}).get("scheme", "float")
+        schemes[sc] = schemes.get(sc, 0) + 1
+    protected = sum(1 for r in rows if r.get("selection", {}).get("kind", SelectionKind.QUANTIZE) != SelectionKind.QUANTIZE)
+    lines += [f"- schemes: {', '.join(f'{k} {v}' for k, v in sorted(schemes.items()))} of {len(rows)} linears; "
+              f"kept in float: {schemes.get('float', 0)}; protected or skipped by the recipe: {protected}", "",
               f"![fragility]({png})" if png else "No fragility scores: the recipe does not rank layers (protect_top_k = 0).", "",
               "| rank | linear | score | mean kurtosis | max abs | early/late rank | scheme | why | fed by |",
               "|---:|---|---:|---:|---:|---|---|---|---|"]
@@ -147,7 +153,9 @@ def _markdown(section: str, g: Optional[meta.GraphRecord], rows: list[dict[str, 
 
     for r in sorted(rows, key=key):
         f, s, sel = r.get("fragility", {}), r.get("stats", {}), r.get("selection", {})
-        scheme = sel.get("kind") if sel.get("kind", "quantize") != "quantize" else r.get("lowering", {}).get("scheme", "-")
+        scheme = r.get("lowering", {}).get("scheme", "-")
+        if sel.get("kind", SelectionKind.QUANTIZE) != SelectionKind.QUANTIZE:
+            scheme = f"{scheme} ({sel['kind']})"
         el = f"{f.get('early_rank') or '-'}/{f.get('late_rank') or '-'}" if f else "-"
         lines.append("| " + " | ".join([
             str(f.get("rank", "-")), f"`{r['name']}`", _num(f.get("score")), _num(r.get("mean_kurtosis")),

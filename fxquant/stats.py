@@ -117,7 +117,7 @@ class RunningStats:
             m = acc.get(key)
             if m is None:  # not reached on this step's inputs (no data, no entry)
                 continue
-            per_step.append((t, m.max_abs, m.std, m.kurtosis))
+            per_step.append(meta.StepStats(t, m.max_abs, m.std, m.kurtosis))
             total = total.merge(m)
         return meta.ActStats(total.max_abs, total.std, total.kurtosis, total.n, tuple(per_step), self.channel[key])
 

@@ -62,7 +62,8 @@ def test_compile_builtin_branches_with_progress(branches):
     loaded = fxquant.load(path)
     assert list(loaded) == ["cond", "uncond"]
     counts = fxquant.summary(loaded).counts()  # 1 layer x 8 linears + 7 outside, per branch
-    assert sum(counts.values()) == 2 * 15 and counts["w8a8"] >= 2 * 13 and counts["protected"] >= 2
+    kinds = fxquant.summary(loaded).counts("kind")
+    assert sum(counts.values()) == 2 * 15 and counts["w8a8"] >= 2 * 13 and kinds["protected"] >= 2
 
 
 def test_compile_from_factory_recipe_json_and_calibration_file(factory_q8):
@@ -72,13 +73,13 @@ def test_compile_from_factory_recipe_json_and_calibration_file(factory_q8):
     gm = fxquant.load(path)
     assert gm.meta["fxquant"].recipe["name"] == "my-q8"
     counts = fxquant.summary(gm).counts()
-    assert counts.get("q8_0", 0) > 0 and counts["protected"] == 1
+    assert counts.get("q8_0", 0) > 0 and fxquant.summary(gm).counts("kind")["protected"] == 1
 
 
 def test_inspect_prints_metadata_and_summary(branches):
     rc, out, err = run("inspect", branches[0])
     assert rc == 0, err
-    assert "format version 1" in out and "branches: cond, uncond" in out and "sha256 verified" in out
+    assert "format version 2" in out and "branches: cond, uncond" in out and "sha256 verified" in out
     assert "layers.0.feed_forward.w2" in out and "int8-w8a8" in out and "protected" in out
 
 

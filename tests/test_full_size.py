@@ -9,7 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from fxquant import meta
 from fxquant.models import IDEOGRAM4_FULL, ideogram4_inputs
 from fxquant.passes.find_linears import FindLinears
-from fxquant.passes.select_protected import effective_top_k
+from fxquant.passes.select_schemes import effective_top_k
 from fxquant.trace import trace
 
 

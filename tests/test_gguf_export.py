@@ -27,10 +27,12 @@ from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter, dequantiz
 
 from fxquant.integrations.diffusers import load_gguf, single_file_support  # noqa: E402
 
-# Most linears 256-aligned; input_proj (32), llm_cond_proj (96), adaLN (64) become Q8_0 under
-# misaligned="q8_0", so one file holds Q4_K, Q8_0 and F32 tensors.
+# The q4_k_m preset: most linears 256-aligned (Q4_K); input_proj (32), llm_cond_proj (96), adaLN (64)
+# become Q8_0 under misaligned="q8_0", and a protected FFN down-projection is stored Q8_0 too, so one
+# file holds Q4_K, Q8_0 and F32 tensors. (A protect rule instead of the fragility top-k: deterministic.)
 CFG = dict(attention_head_dim=64, num_attention_heads=4, intermediate_size=512, mrope_section=(12, 10, 10), in_channels=32)
-RECIPE = fxquant.Recipe.preset("q4_k").replace(name="q4_k+q8_0", misaligned="q8_0")
+RECIPE = fxquant.Recipe.preset("q4_k_m").replace(name="q4_k_m-rule", protect_top_k=0,
+                                                 protect=(fxquant.LayerRule("layers.0.feed_forward.w2"),))
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +79,9 @@ def test_metadata(exported):
     assert md["fxquant.model_config"]["intermediate_size"] == model.config.intermediate_size == 512
     notes = {d["name"]: d for d in md["fxquant.linears"]}
     assert notes["input_proj"]["scheme"] == "q8_0" and "stored as Q8_0" in notes["input_proj"]["note"]
+    w2 = notes["layers.0.feed_forward.w2"]
+    assert (w2["scheme"], w2["selection"]) == ("q8_0", "protected")  # a mixed-precision protected layer
+    assert notes["layers.0.feed_forward.w1"]["scheme"] == "q4_k"
 
 
 def test_report_bits_and_bytes(exported):

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import fxquant
+from fxquant import meta
 from fxquant.artifacts import export
 from fxquant.artifacts import manifest as fmt
 from fxquant.models import ideogram4_inputs, ideogram4_trajectory, reduced_ideogram4
@@ -185,8 +186,23 @@ def test_truncated_file(saved, tmp_path, keep):
 
 
 def test_wrong_format_version(saved, tmp_path):
-    bad = _rewrite(saved, tmp_path / "v2.safetensors", lambda m: m.update(format_version=2))
-    _bad(bad, "format_version", "2")
+    bad = _rewrite(saved, tmp_path / "v9.safetensors", lambda m: m.update(format_version=9))
+    _bad(bad, "format_version", "9")
+
+
+def test_format1_artifacts_still_load():
+    """A file written by fxquant 0.1 (format 1: no per-layer scheme, graph facts under "extra"),
+    made once with that version and kept in tests/data/legacy, loads and runs bit-identically."""
+    here = os.path.join(os.path.dirname(__file__), "data", "legacy")
+    gm = fxquant.load(os.path.join(here, "format1_int8-w8a8.safetensors"))
+    io_ = torch.load(os.path.join(here, "format1_int8-w8a8.io.pt"), weights_only=True)
+    with torch.no_grad():
+        out = gm(**io_["inputs"]).sample
+    torch.testing.assert_close(out, io_["output"], rtol=0, atol=0)
+    s = fxquant.summary(gm)
+    assert s.counts() == {"w8a8": 13, "float": 2} and s.counts("kind") == {"quantize": 13, "protected": 2}
+    g = meta.graph_record(gm)
+    assert g.model_class == "Ideogram4Transformer2DModel" and g.model_config["num_layers"] == 1
 
 
 def test_tampered_layer_scheme_is_named(saved, tmp_path):

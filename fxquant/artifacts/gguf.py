@@ -152,8 +152,7 @@ def _write_one(gm: fx.GraphModule, path: str) -> GGUFReport:
     if g is None or not meta.records(gm):
         raise FxquantError("save_gguf: this module has no fxquant records; was it produced by fxquant.compile "
                            "with a q4_k or q8_0 recipe?")
-    extra = dict(g.extra)
-    if "model_class" not in extra:
+    if not g.model_class:
         raise FxquantError("save_gguf: the graph record does not name the source model class; "
                            "compile the model with this version of fxquant")
     try:
@@ -161,20 +160,20 @@ def _write_one(gm: fx.GraphModule, path: str) -> GGUFReport:
     except ImportError as e:  # an optional dependency: say which
         raise ImportError("save_gguf needs gguf-py: pip install 'fxquant[gguf]'") from e
     tensors = _tensors(gm)
-    linears = [{"name": r.name, "scheme": r.lowering.scheme if r.lowering else "float",
-                "selection": r.selection.kind if r.selection else "",
+    linears = [{"name": r.name, "scheme": r.lowering.scheme.value if r.lowering else "float",
+                "selection": r.selection.kind.value if r.selection else "",
                 "note": r.lowering.note if r.lowering else ""} for _, r in meta.records(gm)]
-    w = gguf.GGUFWriter(path, arch=extra["model_class"])
+    w = gguf.GGUFWriter(path, arch=g.model_class)
     try:
         w.add_type("model")
-        w.add_name(extra["model_class"] + (f" ({g.branch})" if g.branch else ""))
+        w.add_name(g.model_class + (f" ({g.branch})" if g.branch else ""))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_string("fxquant.version", version())
-        w.add_string("fxquant.model_class", extra["model_class"])
+        w.add_string("fxquant.model_class", g.model_class)
         w.add_string("fxquant.recipe", json.dumps(g.recipe, sort_keys=True))
         w.add_string("fxquant.linears", json.dumps(linears))
-        if "model_config" in extra:
-            w.add_string("fxquant.model_config", json.dumps(extra["model_config"], sort_keys=True))
+        if g.model_config is not None:
+            w.add_string("fxquant.model_config", json.dumps(g.model_config, sort_keys=True))
         if g.branch:
             w.add_string("fxquant.branch", g.branch)
         for name, arr, raw, _ in tensors:

@@ -179,7 +179,7 @@ def _build(path: str, name: str, br: dict[str, Any], tensors: dict[str, torch.Te
                           f"(saved with torch {saved_with}): {describe(e)}") from e
     found = {r.key: r.to_json() for _, r in meta.records(gm)}
     for layer in sorted(found.keys() | br["layers"].keys()):
-        if found.get(layer) != br["layers"].get(layer):
+        if found.get(layer) != _record_json(br["layers"].get(layer)):
             raise FormatError(f"{path}: metadata of layer {layer!r} (branch {name!r}) disagrees with the saved graph")
     try:
         grec = meta.GraphRecord.from_json(br["graph"])
@@ -187,6 +187,15 @@ def _build(path: str, name: str, br: dict[str, Any], tensors: dict[str, torch.Te
         raise FormatError(f"{path}: metadata key 'branches/{name}/graph' is malformed ({type(e).__name__}: {e})") from None
     meta.set_graph_record(gm, grec)
     return gm
+
+
+def _record_json(raw: Any) -> Any:
+    """A manifest's layer record in this version's JSON form (format 1 records are upgraded the way
+    the graph's own records are), or the raw value if it is not a record at all."""
+    try:
+        return meta.LinearRecord.from_json(raw).to_json()
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return raw
 
 
 def _import_output_types(sp: Any) -> None:

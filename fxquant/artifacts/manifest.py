@@ -24,7 +24,9 @@ from ..errors import FormatError
 from .common import DTYPE_BY_NAME, DTYPES, PathLike, fspath, version
 
 FORMAT = "fxquant"
-FORMAT_VERSION = 1
+# 2: per-layer scheme in the selection record, typed graph record (fxquant 0.2). 1 still reads.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_KEY, DIGESTS_KEY = "fxquant", "fxquant.digests"
 SINGLE = "module"  # tensor-key prefix of a file holding one module rather than a dict of branches
 KINDS = ("program", "params", "buffers", "constants")
@@ -127,9 +129,9 @@ def check_manifest(path: str, header: dict[str, Any]) -> dict[str, Any]:
         raise FormatError(f"{path}: metadata {MANIFEST_KEY!r} or {DIGESTS_KEY!r} is not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise FormatError(f"{path}: metadata key 'format' is {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise FormatError(f"{path}: metadata key 'format_version' is {manifest.get('format_version')!r}; "
-                          f"fxquant {version()} reads format version {FORMAT_VERSION}")
+                          f"fxquant {version()} reads format versions {list(READABLE_VERSIONS)}")
     if not isinstance(digested, dict):
         raise FormatError(f"{path}: metadata key {DIGESTS_KEY!r} is missing or not an object")
     actual = digests(manifest)

@@ -18,13 +18,13 @@ element of the input (all tokens of all samples, all channels).
     kurtosis = n * M4 / M2**2               (Pearson, 3 for a Gaussian; 0 if M2 == 0)
 
 A NaN or Inf reaching a linear is a `CalibrationError` naming the layer and the input index.
-A progress line goes to stderr when it is a terminal, nothing otherwise.
+Progress goes to the ``fxquant`` logger (INFO), one message per calibration input.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
 from typing import Any, Optional, Sequence
 
 import torch
@@ -38,19 +38,17 @@ from ..errors import CalibrationError, FxquantError, PassError, describe
 from ..trace import as_args_kwargs
 from .base import FxquantPass, PassResult, require_records
 
+log = logging.getLogger("fxquant")
+
+
 class _Progress:
-    """``\\rcollect_stats: 3/8 calibration inputs`` on stderr, only when stderr is a terminal."""
+    """``collect_stats cond: 3/8 calibration inputs`` on the ``fxquant`` logger (INFO)."""
 
     def __init__(self, total: int, label: str) -> None:
         self.total, self.label = total, label
-        self.on = bool(getattr(sys.stderr, "isatty", lambda: False)())
 
     def step(self, done: int) -> None:
-        if self.on:
-            sys.stderr.write(f"\r{self.label}: {done}/{self.total} calibration inputs")
-            if done == self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
+        log.info("%s: %d/%d calibration inputs", self.label, done, self.total)
 
 
 def flat_inputs(gm: fx.GraphModule, item: Any, where: str) -> tuple[list[Any], Optional[float]]:
@@ -89,6 +87,9 @@ class CollectStats(FxquantPass):
             raise CalibrationError(f"{self.name}: needs at least one calibration input, got {calibration!r}")
         self.calibration = calibration
         self.label = label
+
+    def __repr__(self) -> str:
+        return f"CollectStats({len(self.calibration)} calibration inputs)"
 
     def requires(self, gm: fx.GraphModule) -> None:
         require_records(gm, self.name)

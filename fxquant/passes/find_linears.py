@@ -42,7 +42,7 @@ class FindLinears(FxquantPass):
                             + (f" (linears with computed weights, left as they are: {computed})" if computed else ""))
         g = meta.graph_record(gm)
         if computed and g is not None:
-            meta.update_graph(gm, extra=g.extra + (("computed_weight_linears", computed),))
+            meta.update_graph(gm, computed_weight_linears=tuple(computed))
         return PassResult(gm, False)
 
 

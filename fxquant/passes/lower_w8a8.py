@@ -1,4 +1,4 @@
-"""lower_w8a8: rewrite each selected linear into the W8A8 custom op.
+"""lower_w8a8: rewrite each linear whose selected scheme is ``w8a8`` into the W8A8 custom op.
 
     before:  y = aten.linear(x, get_attr[l.weight], get_attr[l.bias])
     after:   y = fxquant.linear_w8a8(x, get_attr[l.weight_int8], get_attr[l.weight_scale],
@@ -7,8 +7,8 @@
 Weights become per-output-channel symmetric int8 plus a float32 scale per row; the float weight
 is deleted from the module. Where ``fold_smoothing`` recorded a "fused" smoothing (it left a
 ``mul(x, get_attr[l.smooth])`` feeding the linear only), the multiply moves into the op's activation
-quantization instead of running as a separate pass over memory. Protected and skipped linears
-stay as they are.
+quantization instead of running as a separate pass over memory. Every other node is declined:
+linears of other schemes, and nodes already lowered (a second run changes nothing).
 """
 
 from __future__ import annotations
@@ -17,15 +17,19 @@ import torch
 import torch.fx as fx
 
 from .. import graph, meta
-from ..ops import w8a8 as ops
 from ..errors import PassError
-from .base import FxquantPass, PassResult, require_records
+from ..ops import w8a8 as ops
+from ..schemes import Scheme, SmoothingTarget
+from .base import FxquantPass, PassResult, owned_linears, require_records
+
+LINEAR_W8A8 = torch.ops.fxquant.linear_w8a8.default
+
 
 def fused_smooth(node: fx.Node, rec: meta.LinearRecord) -> tuple[fx.Node, fx.Node | None]:
     """(activation input, smooth get_attr or None). When ``fold_smoothing`` recorded a "fused"
     smoothing, the linear is fed by the ``mul(x, get_attr[smooth])`` it inserted."""
     x = node.args[0]
-    if rec.smoothing is None or rec.smoothing.target != "fused":
+    if rec.smoothing is None or rec.smoothing.target is not SmoothingTarget.FUSED:
         return x, None
     if not (isinstance(x, fx.Node) and x.op == "call_function" and x.target is torch.ops.aten.mul.Tensor
             and len(x.users) == 1 and isinstance(x.args[1], fx.Node) and x.args[1].op == "get_attr"):
@@ -35,17 +39,22 @@ def fused_smooth(node: fx.Node, rec: meta.LinearRecord) -> tuple[fx.Node, fx.Nod
 
 
 class LowerW8A8(FxquantPass):
+    """Lower the linears selected ``w8a8`` to ``fxquant::linear_w8a8``.
+
+    Raises:
+        PassError: no ``selection`` records (run select_schemes), a non-float weight, or a fused
+            smoothing record without its multiply.
+    """
+
     name = "lower_w8a8"
+    schemes = frozenset({Scheme.W8A8})
 
     def requires(self, gm: fx.GraphModule) -> None:
-        require_records(gm, self.name, "selection", before="select_protected")
+        require_records(gm, self.name, "selection", before="select_schemes")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
-        for node, rec in meta.records(gm):
-            if rec.selection.kind != "quantize":
-                meta.update(node, lowering=meta.float_lowering(graph.root_weight(gm, node)))
-                continue
+        for node, rec, w in owned_linears(gm, self):
             q, scale = graph.weight_rows(gm, node, ops.quantize_weight_per_channel)  # no full float copy
             graph.set_buffer(gm, f"{rec.name}.weight_int8", q)
             graph.set_buffer(gm, f"{rec.name}.weight_scale", scale)
@@ -54,12 +63,12 @@ class LowerW8A8(FxquantPass):
                 x,
                 graph.get_attr_node(gm, f"{rec.name}.weight_int8", node),
                 graph.get_attr_node(gm, f"{rec.name}.weight_scale", node),
-                node.args[2] if len(node.args) > 2 else None,
+                graph.bias_arg(node),
                 smooth,
             )
-            new = graph.replace_node(gm, node, torch.ops.fxquant.linear_w8a8.default, args)
+            new = graph.replace_node(gm, node, LINEAR_W8A8, args)
             bpw = 8 + 32 / rec.in_features  # int8 weights + one float32 scale per row
-            meta.update(new, lowering=meta.Lowering("w8a8", bpw, q.numel() + scale.numel() * 4))
+            meta.update(new, lowering=meta.Lowering(Scheme.W8A8, bpw, q.numel() + scale.numel() * 4))
             modified = True
         if modified:
             graph.finalize(gm)

@@ -30,13 +30,14 @@ from .. import meta
 from ..recipe import FragilityScore, _enum
 from .base import FxquantPass, PassResult, require_records
 
-Step = tuple[float, float, float, float]  # (timestep, max_abs, std, kurtosis)
+Step = meta.StepStats
 
 
 def score(steps: Sequence[Step], kind: FragilityScore) -> float:
     """The fragility score of one linear over the given timesteps."""
-    mean_kurtosis = sum(s[3] for s in steps) / len(steps)
-    max_abs = max(s[1] for s in steps)
+    steps = [meta.StepStats(*s) for s in steps]
+    mean_kurtosis = sum(s.kurtosis for s in steps) / len(steps)
+    max_abs = max(s.max_abs for s in steps)
     if kind is FragilityScore.KURTOSIS:
         return mean_kurtosis
     if kind is FragilityScore.MAXABS:
@@ -94,13 +95,16 @@ class ScoreFragility(FxquantPass):
     def __init__(self, kind: FragilityScore | str = FragilityScore.KURTOSIS_X_MAXABS) -> None:
         self.kind = _enum(FragilityScore, kind, "fragility_score")
 
+    def __repr__(self) -> str:
+        return f"ScoreFragility(kind={self.kind.value!r})"
+
     def requires(self, gm: fx.GraphModule) -> None:
         require_records(gm, self.name, "stats", before="collect_stats")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         recs = meta.records(gm)
         names = [r.name for _, r in recs]
-        steps = [r.stats.per_step or ((0.0, r.stats.max_abs, r.stats.std, r.stats.kurtosis),) for _, r in recs]
+        steps = [r.stats.per_step or (meta.StepStats(0.0, r.stats.max_abs, r.stats.std, r.stats.kurtosis),) for _, r in recs]
         scores = [score(s, self.kind) for s in steps]
         ranks = ranking(names, scores)
         # Halves of the trajectory, by position in the shared timestep order.

@@ -24,7 +24,7 @@ from fxquant.passes.find_linears import FindLinears
 from fxquant.passes.fold_smoothing import FoldSmoothing
 from fxquant.passes.lower_w8a8 import LowerW8A8
 from fxquant.passes.materialize_folds import MaterializeFolds
-from fxquant.passes.select_protected import SelectOptions, SelectProtected
+from fxquant.passes.select_schemes import SelectOptions, SelectSchemes
 from fxquant.recipe import LayerRule
 from fxquant.trace import trace
 
@@ -167,7 +167,7 @@ def prepared(module, protect=(), skip=(), stats=True, select=True):
         for n, r in meta.records(gm):
             meta.update(n, stats=meta.ActStats(float(cm[r.name].max()), 1.0, 3.0, 1, channel_max_abs=cm[r.name]))
     if select:
-        SelectProtected(SelectOptions(protect=tuple(LayerRule(p) for p in protect), skip=tuple(LayerRule(p) for p in skip)))(gm)
+        SelectSchemes(SelectOptions(protect=tuple(LayerRule(p) for p in protect), skip=tuple(LayerRule(p) for p in skip)))(gm)
     return module, gm, calib
 
 
@@ -441,7 +441,7 @@ def test_downstream_groups_first_so_each_vector_sees_the_final_weights():
 
 def test_needs_selection_and_channel_statistics():
     _, gm, _ = prepared(TwoLinears(), select=False)
-    with pytest.raises(fxquant.PassError, match="lack 'selection'.*select_protected"):
+    with pytest.raises(fxquant.PassError, match="lack 'selection'.*select_schemes"):
         FoldSmoothing()(gm)
     _, bare, _ = prepared(TwoLinears(), stats=False)
     with pytest.raises(fxquant.PassError, match="'fc1' has no per-channel activation max.*collect_stats"):
@@ -502,7 +502,7 @@ def test_pipeline_passes_the_recipe_alpha_and_calibration():
 
     calib = [_inputs(TwoLinears())]
     recipe = fxquant.Recipe.preset("int8-w8a8").replace(alpha=0.6, alpha_search=(0.3, 0.6))
-    fold = [p for p in pipeline.build(recipe, calib) if isinstance(p, FoldSmoothing)]
+    fold = [p for p in pipeline.build(recipe, calib).passes if isinstance(p, FoldSmoothing)]
     assert len(fold) == 1 and fold[0].options.alpha == 0.6 and fold[0].options.alpha_search == (0.3, 0.6)
     assert fold[0].calibration is calib
-    assert not any(isinstance(p, FoldSmoothing) for p in pipeline.build(recipe.replace(smoothquant=False), calib))
+    assert not any(isinstance(p, FoldSmoothing) for p in pipeline.build(recipe.replace(smoothquant=False), calib).passes)

@@ -27,8 +27,9 @@ from fxquant.errors import PassError
 from fxquant.models import ideogram4_inputs, reduced_ideogram4
 from fxquant.passes.find_linears import FindLinears
 from fxquant.passes.lower_gguf import LowerGGUF
-from fxquant.passes.select_protected import SelectOptions, SelectProtected
-from fxquant.recipe import LayerRule, MisalignedPolicy, WeightScheme
+from fxquant.passes.select_schemes import SelectOptions, SelectSchemes
+from fxquant.passes.keep_float import KeepFloat
+from fxquant.recipe import LayerRule
 from fxquant.trace import trace
 
 gguf = pytest.importorskip("gguf")
@@ -53,10 +54,12 @@ def tiny(seed: int = 0, c_in: int = 64, dtype=torch.float32):
 
 
 def lower(m, ex, weights="q4_k", misaligned="keep_float", **select):
+    """find_linears -> select_schemes(default=weights) -> lower_gguf -> keep_float; modified of lower_gguf."""
     gm = trace(m, ex)
-    for p in (FindLinears(), SelectProtected(SelectOptions(**select)), LowerGGUF(WeightScheme(weights), MisalignedPolicy(misaligned))):
+    for p in (FindLinears(), SelectSchemes(SelectOptions(default=weights, misaligned=misaligned, **select)), LowerGGUF()):
         res = p(gm)
         gm = res.graph_module
+    KeepFloat()(gm)
     return gm, res.modified
 
 
@@ -163,12 +166,30 @@ def test_misaligned_policy_both_ways():
 def test_missing_precondition():
     m, ex = tiny()
     with pytest.raises(PassError, match="no fxquant records"):
-        LowerGGUF(WeightScheme.Q4_K, MisalignedPolicy.KEEP_FLOAT)(trace(m, ex))
+        LowerGGUF()(trace(m, ex))
     gm = FindLinears()(trace(m, ex)).graph_module
-    with pytest.raises(PassError, match="lack 'selection'.*select_protected"):
-        LowerGGUF(WeightScheme.Q4_K, MisalignedPolicy.KEEP_FLOAT)(gm)
-    with pytest.raises(PassError, match="weights must be one of"):
-        LowerGGUF(WeightScheme.INT8, MisalignedPolicy.KEEP_FLOAT)
+    with pytest.raises(PassError, match="lack 'selection'.*select_schemes"):
+        LowerGGUF()(gm)
+
+
+def test_a_selection_the_block_does_not_fit_is_an_error_not_a_fallback():
+    m, ex = tiny(c_in=64)
+    gm = FindLinears()(trace(m, ex)).graph_module
+    SelectSchemes(SelectOptions(default="q4_k"))(gm)
+    node = next(n for n, r in meta.records(gm) if r.name == "c")
+    meta.update(node, selection=meta.Selection("quantize", "q4_k"))  # what select_schemes would never write
+    with pytest.raises(PassError, match=r"linear 'c' is selected q4_k but its in_features 64 is not a multiple"):
+        LowerGGUF()(gm)
+
+
+def test_idempotent_and_declines_other_schemes():
+    m, ex = tiny()
+    gm, modified = lower(m, ex, "q4_k", rules=(fxquant.SchemeRule("b", "w8a8"),))
+    assert modified and count(gm, LINEAR_GGUF) == 1  # "a" only: b is w8a8 (not ours), c is float
+    assert [r.lowering for n, r in meta.records(gm) if r.name == "b"] == [None]  # declined, left for lower_w8a8
+    code = gm.code
+    res = LowerGGUF()(gm)
+    assert res.modified is False and gm.code == code
 
 
 def test_survives_reexport_save_load_and_torch_compile(tmp_path):

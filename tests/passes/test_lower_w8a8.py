@@ -6,8 +6,9 @@ import torch
 import fxquant
 from fxquant import meta
 from fxquant.graph import LINEAR
+from fxquant.passes.keep_float import KeepFloat
 from fxquant.passes.lower_w8a8 import LowerW8A8
-from fxquant.passes.select_protected import SelectOptions, SelectProtected
+from fxquant.passes.select_schemes import SelectOptions, SelectSchemes
 from fxquant.recipe import LayerRule
 
 from .util import count, traced
@@ -28,7 +29,7 @@ def reference_w8a8(x, w, b):
 
 def test_rewrites_every_selected_linear_and_drops_float_weights():
     m, gm = traced()
-    SelectProtected(SelectOptions())(gm)
+    SelectSchemes(SelectOptions())(gm)
     assert count(gm, LINEAR) == 2 and count(gm, W8A8) == 0
     res = LowerW8A8()(gm)
     assert res.modified is True
@@ -45,7 +46,7 @@ def test_rewrites_every_selected_linear_and_drops_float_weights():
 
 def test_numerics_match_an_independent_reference():
     m, gm = traced()
-    SelectProtected(SelectOptions())(gm)
+    SelectSchemes(SelectOptions())(gm)
     LowerW8A8()(gm)
     x = torch.randn(3, 7, 32)
     with torch.no_grad():
@@ -59,24 +60,44 @@ def test_numerics_match_an_independent_reference():
 
 def test_protected_and_skipped_linears_are_not_rewritten():
     m, gm = traced()
-    SelectProtected(SelectOptions(protect=(LayerRule("fc1"),), skip=(LayerRule("fc2"),)))(gm)
+    SelectSchemes(SelectOptions(protect=(LayerRule("fc1"),), skip=(LayerRule("fc2"),)))(gm)
     res = LowerW8A8()(gm)
     assert res.modified is False and count(gm, LINEAR) == 2 and count(gm, W8A8) == 0
     x = torch.randn(2, 4, 32)
     torch.testing.assert_close(gm(x), m(x), rtol=0, atol=0)
+    assert {r.lowering for _, r in meta.records(gm)} == {None}  # declined: float is keep_float's
+    assert KeepFloat()(gm).modified is False
     assert {r.lowering.scheme for _, r in meta.records(gm)} == {"float"}
+    assert [r.lowering.bits_per_weight for _, r in meta.records(gm)] == [32.0, 32.0]
+
+
+def test_idempotent_and_declines_what_it_does_not_own():
+    """A second run changes nothing (it used to re-quantize the int8 weights); q8_0 linears are lower_gguf's."""
+    m, gm = traced()
+    SelectSchemes(SelectOptions(rules=(fxquant.SchemeRule("fc2", "q8_0"),)))(gm)
+    assert LowerW8A8()(gm).modified is True
+    assert count(gm, W8A8) == 1 and count(gm, LINEAR) == 1
+    code, sd = gm.code, {k: v.clone() for k, v in gm.state_dict().items()}
+    x = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        want = gm(x)
+    assert LowerW8A8()(gm).modified is False
+    assert gm.code == code and sd.keys() == gm.state_dict().keys()
+    assert all(torch.equal(v, gm.state_dict()[k]) for k, v in sd.items())
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), want, rtol=0, atol=0)
 
 
 def test_needs_a_selection():
     _, gm = traced()
-    with pytest.raises(fxquant.PassError, match="lack 'selection'.*select_protected"):
+    with pytest.raises(fxquant.PassError, match="lack 'selection'.*select_schemes"):
         LowerW8A8()(gm)
 
 
 def test_does_not_touch_the_source_module():
     m, gm = traced()
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    SelectProtected(SelectOptions())(gm)
+    SelectSchemes(SelectOptions())(gm)
     LowerW8A8()(gm)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
@@ -98,7 +119,7 @@ def test_fused_smoothing_moves_into_the_op():
     m, gm = traced()
     smooth = torch.rand(32) + 0.5
     _fuse_smooth_by_hand(gm, smooth)
-    SelectProtected(SelectOptions())(gm)
+    SelectSchemes(SelectOptions())(gm)
     LowerW8A8()(gm)
     assert count(gm, torch.ops.aten.mul.Tensor) == 0 and count(gm, W8A8) == 2
     op = next(n for n in gm.graph.nodes if n.target is W8A8)
@@ -114,6 +135,6 @@ def test_fused_record_without_its_multiply_is_an_error():
     _, gm = traced()
     node, rec = meta.records(gm)[0]
     meta.update(node, smoothing=meta.Smoothing("fused", rec.name))
-    SelectProtected(SelectOptions())(gm)
+    SelectSchemes(SelectOptions())(gm)
     with pytest.raises(fxquant.PassError, match=r"linear 'fc1' has a fused smoothing record"):
         LowerW8A8()(gm)

@@ -29,10 +29,10 @@ the graph as traced.
 Order: groups are smoothed downstream first, so each vector is computed on its group's final
 weights (a fold only writes upstream of the group it serves).
 
-Group policy: only ``quantize`` linears decide s (their weights and statistics). A protected
-member of a folded group gets the compensating columns too (exact, it stays float); a group
-with a skipped member is never folded (skipped means untouched), its quantized members fall
-back to fused. ``alpha_search`` picks, per group, the alpha minimising the simulated W8A8
+Group policy: only linears whose selected scheme quantizes activations (w8a8) decide s (their
+weights and statistics). Any other member of a folded group (float, or weight-only q8_0 / q4_k)
+gets the compensating columns too (exact in float); a group with a skipped member is never
+folded (skipped means untouched), its w8a8 members fall back to fused. ``alpha_search`` picks, per group, the alpha minimising the simulated W8A8
 output error on calibration activations (`fxquant.ops` quantizers).
 """
 
@@ -47,8 +47,9 @@ import torch.fx as fx
 from ... import graph, meta
 from ...errors import PassError, RecipeError
 from ...observe import Observed
-from .fold_targets import FoldFinder
 from ...ops.fold import scale_region, scale_rows
+from ...schemes import SelectionKind, info
+from .fold_targets import FoldFinder
 from .smoothing import Fold, ParamFold, overlapping, search_alpha, smoothing_vector
 from ..base import FxquantPass, PassResult, require_records
 
@@ -81,14 +82,14 @@ class FoldSmoothing(FxquantPass):
     Returns (from ``__call__``): ``PassResult(gm, modified)``; every linear gets ``smoothing``.
 
     Raises:
-        PassError: no ``selection`` (run select_protected), a quantized linear without
+        PassError: no ``selection`` (run select_schemes), a w8a8 linear without
             ``stats.channel_max_abs`` of shape [in_features] (run collect_stats), or an alpha
             search without calibration inputs.
         CalibrationError: non-finite statistics, or calibration inputs the graph cannot take.
         RecipeError: alpha outside [0, 1].
 
     Example:
-        >>> FoldSmoothing(alpha=0.5)(gm)  # after find_linears, collect_stats, select_protected  # doctest: +SKIP
+        >>> FoldSmoothing(alpha=0.5)(gm)  # after find_linears, collect_stats, select_schemes  # doctest: +SKIP
     """
 
     name = "fold_smoothing"
@@ -99,9 +100,9 @@ class FoldSmoothing(FxquantPass):
         self.calibration = calibration
 
     def requires(self, gm: fx.GraphModule) -> None:
-        require_records(gm, self.name, "selection", before="select_protected")
+        require_records(gm, self.name, "selection", before="select_schemes")
         for _, r in meta.records(gm):
-            if r.selection.kind != "quantize":
+            if not _smoothed(r):
                 continue
             cm = r.stats.channel_max_abs if r.stats is not None else None
             if cm is None:
@@ -123,10 +124,10 @@ class FoldSmoothing(FxquantPass):
             groups.setdefault(node.args[0], []).append(node)
         # A weight read by another call of the same module cannot take this call's column scaling.
         shared = {n for n in recs if len(n.args[1].users) > 1}
-        frozen = {str(a.target) for n, r in recs.items() if r.selection.kind == "skipped" or n in shared
-                  for a in n.args[1:3] if isinstance(a, fx.Node)}
+        skipped = {n for n, r in recs.items() if r.selection.kind is SelectionKind.SKIPPED}
+        frozen = {str(a.target) for n in skipped | shared for a in n.args[1:3] if isinstance(a, fx.Node)}
         finder = FoldFinder(gm, frozen)
-        wanted = [x for x, ms in groups.items() if any(recs[m].selection.kind == "quantize" for m in ms)]
+        wanted = [x for x, ms in groups.items() if any(_smoothed(recs[m]) for m in ms)]
         samples = self._samples(gm, wanted, groups, recs) if self.options.alpha_search else {}
         claimed: list[ParamFold] = []  # what earlier groups folded into: a later group must not refold it
         self._deferred = _Deferred(gm)
@@ -136,9 +137,9 @@ class FoldSmoothing(FxquantPass):
         # search see the weights as they will finally be, not before a later fold rescales them.
         position = {n: i for i, n in enumerate(gm.graph.nodes)}
         for x, members in sorted(groups.items(), key=lambda g: position[g[0]], reverse=True):
-            quant = [m for m in members if recs[m].selection.kind == "quantize" and m not in shared]
+            quant = [m for m in members if _smoothed(recs[m]) and m not in shared]
             fold = None
-            if quant and not any(recs[m].selection.kind == "skipped" or m in shared for m in members):
+            if quant and not any(m in skipped or m in shared for m in members):
                 fold = finder.find(x, members, recs[quant[0]].in_features)
                 if fold is not None and overlapping(fold.params, recs[quant[0]].in_features, claimed):
                     fold = None
@@ -237,6 +238,11 @@ class FoldSmoothing(FxquantPass):
             with torch.no_grad():
                 watch.run(*graph.graph_inputs(gm, ex, f"calibration[{i}]", self.name))
         return {n: torch.cat(r)[: self.options.search_tokens] for n, r in rows.items() if r}
+
+
+def _smoothed(rec: meta.LinearRecord) -> bool:
+    """Does the linear's own scheme quantize its input (so that its statistics decide s)?"""
+    return info(rec.selection.scheme).quantized_activations
 
 
 class _Deferred:
