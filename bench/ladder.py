@@ -14,7 +14,10 @@ Two models, both seeded (nothing downloaded, nothing fitted):
   protected set, by construction. The planted model is itself the float reference.
 
 Two recipes: ``protect-only`` (W8A8 with top-k protection, no SmoothQuant) and the
-``int8-w8a8`` preset (SmoothQuant, plus ``t_embedding.mlp_out`` by rule at every k).
+``int8-w8a8-paper`` preset (SmoothQuant, plus ``t_embedding.mlp_out`` by rule at every k). Each
+ladder is climbed twice: by the paper's fragility ranking and by the measured sensitivity ranking
+(``score_sensitivity``); the table gives Spearman's rho between the two rankings, the knee and the
+share of linear weight bytes kept in float at the knee.
 Calibration: a 6-step trajectory; evaluation: 3 held-out inputs (other seeds and timesteps).
 Error: `fxquant.protection_ladder`'s pooled relative L2 error of every output vs the float model.
 """
@@ -34,7 +37,7 @@ from fxquant.models import ideogram4_inputs, ideogram4_trajectory, reduced_ideog
 KW = dict(batch=1, text_len=8, image_hw=(4, 4))
 RECIPES = {
     "protect-only": fxquant.Recipe(name="protect-only"),
-    "int8-w8a8": fxquant.Recipe.preset("int8-w8a8"),
+    "int8-w8a8-paper": fxquant.Recipe.preset("int8-w8a8-paper"),
 }
 
 
@@ -65,31 +68,35 @@ def main() -> None:
     ks = sorted({0, 1, 2, 3, 4, 5, 6, 8, 12, 16, n // 2, n})
     results, ladders = [], {}
     print(f"reduced Ideogram 4, {a.layers} layers, {n} linears; gain {a.gain:g}; ks {ks}")
-    print(f"{'model':8} {'recipe':13} {'rho':>6} {'knee':>4}  " + " ".join(f"k={k:<5}" for k in ks))
+    print(f"{'model':8} {'recipe':15} {'by':11} {'rho':>6} {'rho s/f':>7} {'knee':>4} {'float%':>6}  "
+          + " ".join(f"k={k:<5}" for k in ks))
     for model_name in ("seeded", "planted"):
         for recipe_name, recipe in RECIPES.items():
-            model = reduced_ideogram4(seed=1, num_layers=a.layers)
-            if model_name == "planted":
-                planted(model, a.gain)
-            t0 = time.perf_counter()
-            lad = fxquant.protection_ladder(model, ks, calib, held_out, recipe=recipe)
-            secs = time.perf_counter() - t0
-            ladders[(model_name, recipe_name)] = lad
-            knee = lad.knee()
-            print(f"{model_name:8} {recipe_name:13} {lad.spearman_rho:6.3f} {'-' if knee is None else knee:>4}  "
-                  + " ".join(f"{p.rel_error:.5f}" for p in lad.points))
-            results.append({"model": model_name, "recipe": recipe_name, "seconds": round(secs, 1), **lad.to_json()})
+            for by in ("fragility", "sensitivity"):
+                model = reduced_ideogram4(seed=1, num_layers=a.layers)
+                if model_name == "planted":
+                    planted(model, a.gain)
+                t0 = time.perf_counter()
+                lad = fxquant.protection_ladder(model, ks, calib, held_out, recipe=recipe, by=by)
+                secs = time.perf_counter() - t0
+                ladders[(model_name, recipe_name, by)] = lad
+                knee = lad.knee()
+                frac = next((p.float_fraction for p in lad.points if p.k == knee), None)
+                print(f"{model_name:8} {recipe_name:15} {by:11} {lad.spearman_rho:6.3f} {lad.spearman_rankings:7.3f} "
+                      f"{'-' if knee is None else knee:>4} {'-' if frac is None else f'{100 * frac:.1f}':>6}  "
+                      + " ".join(f"{p.rel_error:.5f}" for p in lad.points))
+                results.append({"model": model_name, "recipe": recipe_name, "seconds": round(secs, 1), **lad.to_json()})
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"layers": a.layers, "gain": a.gain, "ks": ks, "ladders": results}, indent=2))
     print(f"wrote {out}")
     if a.report:
-        # The report of the planted model under the protect-only recipe at the preset's scaled k.
-        lad = ladders[("planted", "protect-only")]
+        # The report of the planted model compiled with a 5 % float budget by sensitivity, both protect-only ladders.
+        lads = [ladders[("planted", "protect-only", by)] for by in ("fragility", "sensitivity")]
         model = planted(reduced_ideogram4(seed=1, num_layers=a.layers), a.gain)
-        recipe = fxquant.Recipe(name="protect-only", protect_top_k=17, protect_reference_linears=279)
+        recipe = fxquant.Recipe(name="protect-by-sensitivity", protect_by="sensitivity", protect_budget=0.05)
         gm = fxquant.compile(model, recipe, calibration=calib)
-        files = fxquant.report(gm, a.report, ladder=lad)
+        files = fxquant.report(gm, a.report, ladder=lads)
         print("wrote " + ", ".join(files.values()))
 
 

@@ -53,7 +53,7 @@ import torch
 import fxquant
 from fxquant.models import IMAGE_INDICATOR, ideogram4_inputs, ideogram4_trajectory, reduced_ideogram4
 
-PRESET = fxquant.Recipe.preset("int8-w8a8")
+PRESET = fxquant.Recipe.preset("int8-w8a8-paper")
 VARIANTS = ("naive W8A8", "SmoothQuant", "protection", "SmoothQuant + protection")
 CALIB_TIMESTEPS = 6
 HELD_OUT_TIMESTEPS = (0.05, 0.35, 0.65, 0.95)  # none of them is a calibration timestep (k/7)

@@ -58,7 +58,7 @@ def main() -> None:
     print("\nwhat stayed float, and why:")
     for row in fxquant.summary(gm):
         if row.scheme != "w8a8":
-            print(f"  {row.name:28} {row.scheme:9} {row.reason}")
+            print(f"  {row.name:28} {row.scheme:6} {row.kind:9} {row.reason}")
 
 
 if __name__ == "__main__":

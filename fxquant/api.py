@@ -40,7 +40,7 @@ def compile(
 
     Args:
         model: an ``nn.Module``, or a dict of branch name -> module (e.g. ``{"cond": ..., "uncond": ...}``).
-        recipe: a `Recipe`, a preset name (``"int8-w8a8"``, ``"w8a8-naive"``, ``"q4_k"``, ``"q8_0"``)
+        recipe: a `Recipe`, a preset name (``"int8-w8a8"``, ``"int8-w8a8-paper"``, ``"w8a8-naive"``, ``"q4_k"``, ``"q8_0"``)
             or a path to a recipe JSON file.
         calibration: a sequence of example inputs (each a dict of keyword arguments or a tuple of
             positional ones); the first is the tracing example. Or what `fxquant.observe` gathered

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Trace, calibrate, quantize and save a model (or its CFG branches) to one file.")
     c.add_argument("--model", required=True, help=f"{BUILTIN!r}, 'package.module:function' or 'file.py:function'; the "
                    "function returns an nn.Module or a dict of branch -> nn.Module (called with the branch name if --branches is given)")
-    c.add_argument("--recipe", required=True, help="a preset (int8-w8a8, w8a8-naive, q4_k, q8_0) or a recipe JSON file")
+    c.add_argument("--recipe", required=True, help="a preset (int8-w8a8, int8-w8a8-paper, w8a8-naive, q4_k, q8_0) or a recipe JSON file")
     c.add_argument("--calibration", help="torch.save'd list of input dicts, or a dict of branch -> list "
                    "(default for the built-in model: a generated trajectory)")
     c.add_argument("--branches", help="comma-separated CFG branch names, e.g. cond,uncond (each its own weights)")

@@ -100,6 +100,17 @@ def weight_rows(gm: fx.GraphModule, node: fx.Node, fn: Callable[[torch.Tensor], 
     return tuple(outs)
 
 
+def set_weight(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> None:
+    """Make the linear ``node`` read ``value`` as its weight: the parameter under its fold chain is
+    replaced (a new tensor, never in place) and the chain, now computed, is dropped."""
+    arg = node.args[1]
+    root = param_root(arg)
+    set_parameter(gm, str(root.target), value)
+    if arg is not root:
+        node.update_arg(1, root)
+        release_unused(gm, [arg])
+
+
 def param_root(arg: fx.Node) -> fx.Node:
     """The ``get_attr`` node under a chain of ``fxquant::scale_param`` (``arg`` itself if none)."""
     while arg.op == "call_function" and arg.target is SCALE_PARAM:

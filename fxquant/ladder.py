@@ -1,7 +1,7 @@
 """The protection ladder: output error against the float model as more fragile linears stay float.
 
-    trace -> find_linears -> collect_stats -> score_fragility            (once)
-    for k in ks:  deepcopy -> select_schemes(top k) -> [fold_smoothing] -> lower   (per k)
+    trace -> find_linears -> collect_stats -> score_fragility -> score_sensitivity      (once)
+    for k in ks:  deepcopy -> select_schemes(top k by ``by``) -> [fold_smoothing] -> [round_gptq] -> lower
                   -> relative error vs the float model on held-out inputs
 
 The passes are the pipeline's own (`fxquant.pipeline.build`), its analysis phase once, then its
@@ -13,7 +13,10 @@ at every k, so the curve is the recipe's own with a varying top-k.
     error(k) = sqrt( sum_i ||f_k(x_i) - f(x_i)||^2 / sum_i ||f(x_i)||^2 )
 
 over every floating-point tensor of every output, pooled over the evaluation inputs ``x_i``.
-`Ladder.knee` finds where adding protection stops paying (see there).
+`Ladder.knee` finds where adding protection stops paying (see there). Both rankings are computed
+once (the paper's fragility score and the measured sensitivity, `score_sensitivity`); ``by`` picks
+the one the ladder climbs, and `Ladder.spearman_rankings` says how much they agree. Each point
+holds the bytes of linear weights kept in float and their share of all linear weight bytes.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from . import meta, pipeline
+from . import graph, meta, pipeline
 from .errors import CalibrationError, RecipeError
-from .recipe import Recipe, resolve
-from .schemes import SelectionKind
+from .passes.score_fragility import spearman
+from .recipe import ProtectBy, Recipe, _enum, resolve
+from .schemes import Scheme, SelectionKind
 from .trace import as_args_kwargs, check_calibration, trace
 
 
@@ -42,10 +46,13 @@ class LadderPoint:
     rel_error: float  # pooled relative L2 error vs the float model
     max_rel_error: float  # the worst single evaluation input
     weight_bytes: int  # all linear weights after lowering
+    float_bytes: int = 0  # the linear weights kept in float
+    float_fraction: float = 0.0  # float_bytes over the bytes of all linear weights before lowering
 
     def to_json(self) -> dict[str, Any]:
         return {"k": self.k, "protected": list(self.protected), "rel_error": self.rel_error,
-                "max_rel_error": self.max_rel_error, "weight_bytes": self.weight_bytes}
+                "max_rel_error": self.max_rel_error, "weight_bytes": self.weight_bytes,
+                "float_bytes": self.float_bytes, "float_fraction": self.float_fraction}
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,9 @@ class Ladder:
     ranking: tuple[str, ...]  # linear names, most fragile first
     spearman_rho: Optional[float] = None
     num_evaluation: int = 0
+    by: str = "fragility"  # the ranking the ladder climbs
+    ranking_sensitivity: tuple[str, ...] = ()  # linear names, most sensitive first
+    spearman_rankings: Optional[float] = None  # Spearman of the sensitivity and fragility scores
     analysed: Optional[fx.GraphModule] = field(default=None, compare=False, repr=False)  # stats + fragility, not lowered
 
     def knee(self) -> Optional[int]:
@@ -80,9 +90,10 @@ class Ladder:
         return pts[best].k if gains[best][0] > 0 else None  # nothing above the diagonal: no knee
 
     def to_json(self) -> dict[str, Any]:
-        return {"recipe": self.recipe, "num_linears": self.num_linears, "knee": self.knee(),
+        return {"recipe": self.recipe, "num_linears": self.num_linears, "knee": self.knee(), "by": self.by,
                 "spearman_rho": self.spearman_rho, "num_evaluation": self.num_evaluation,
-                "ranking": list(self.ranking), "points": [p.to_json() for p in self.points]}
+                "ranking": list(self.ranking), "ranking_sensitivity": list(self.ranking_sensitivity),
+                "spearman_rankings": self.spearman_rankings, "points": [p.to_json() for p in self.points]}
 
 
 def _float_leaves(out: Any) -> list[torch.Tensor]:
@@ -110,6 +121,7 @@ def protection_ladder(
     calibration: Sequence[Any],
     evaluation: Sequence[Any],
     recipe: Recipe | str = "int8-w8a8",
+    by: ProtectBy | str = ProtectBy.FRAGILITY,
 ) -> Ladder:
     """Lower ``model`` with the top-k most fragile linears in float, for each k, and measure.
 
@@ -118,7 +130,9 @@ def protection_ladder(
         ks: the k to try (integers >= 0, any order, deduplicated).
         calibration: example inputs for the statistics (as for `fxquant.compile`).
         evaluation: held-out example inputs, none equal to a calibration input.
-        recipe: a `Recipe` or preset name; its ``protect_top_k`` is replaced by each k.
+        recipe: a `Recipe` or preset name; its ``protect_top_k`` is replaced by each k (and its
+            float budget dropped: the ladder is top-k).
+        by: the ranking k follows, ``"fragility"`` or ``"sensitivity"`` (both are computed).
 
     Returns:
         A `Ladder` (``.points``, ``.knee()``, ``.to_json()``; ``.analysed`` is the traced graph
@@ -133,6 +147,7 @@ def protection_ladder(
         >>> [(p.k, round(p.rel_error, 4)) for p in lad.points], lad.knee()  # doctest: +SKIP
     """
     recipe = resolve(recipe)
+    by = _enum(ProtectBy, by, "by")
     if isinstance(ks, (str, bytes)) or not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in ks):
         raise RecipeError(f"protection_ladder: ks must be a non-empty list of integers >= 0, got {ks!r}")
     calibration = check_calibration(calibration, "calibration")
@@ -144,7 +159,10 @@ def protection_ladder(
                                        "be measured on held-out inputs")
     ks = sorted(set(ks))
 
-    analysis_recipe = recipe.replace(protect_top_k=max(1, ks[-1]), protect_reference_linears=0)
+    flat = dict(protect_reference_linears=0, protect_budget=0.0, protect_budget_bytes=0)
+    # Sensitivity is measured for W8A8 (score_sensitivity); another default has the fragility ranking only.
+    both = ProtectBy.SENSITIVITY if recipe.default is Scheme.W8A8 else ProtectBy.FRAGILITY
+    analysis_recipe = recipe.replace(protect_top_k=max(1, ks[-1]), protect_by=both, **flat)
     analysis = pipeline.build(analysis_recipe, calibration).only(pipeline.ANALYSIS)
     gm = trace(model, calibration[0])
     meta.set_graph_record(gm, meta.GraphRecord(recipe=recipe.to_dict()))
@@ -153,9 +171,11 @@ def protection_ladder(
 
     refs = [_float_leaves(_call(model, ev)) for ev in evaluation]
     ref_sq = sum(float(r.double().pow(2).sum()) for leaves in refs for r in leaves)
+    elsize = {r.key: graph.weight(gm, n).element_size() for n, r in meta.records(gm)}
+    total = sum(r.in_features * r.out_features * elsize[r.key] for _, r in meta.records(gm))
     points = []
     for k in ks:
-        passes = pipeline.build(recipe.replace(protect_top_k=k, protect_reference_linears=0), calibration)
+        passes = pipeline.build(recipe.replace(protect_top_k=k, protect_by=by, **flat), calibration)
         lowered = passes.only(pipeline.DECIDE, pipeline.REWRITE)(copy.deepcopy(gm))
         err_sq, worst = 0.0, 0.0
         for ev, ref in zip(evaluation, refs):
@@ -164,12 +184,18 @@ def protection_ladder(
             err_sq += e
             worst = max(worst, math.sqrt(e / max(sum(float(r.double().pow(2).sum()) for r in ref), 1e-300)))
         recs = [r for _, r in meta.records(lowered)]
+        kept = sum(r.lowering.weight_bytes for r in recs if r.lowering is not None and r.lowering.scheme is Scheme.FLOAT)
         points.append(LadderPoint(
             k=k, protected=tuple(r.name for r in recs if r.selection.kind is not SelectionKind.QUANTIZE),
             rel_error=math.sqrt(err_sq / max(ref_sq, 1e-300)), max_rel_error=worst,
-            weight_bytes=sum(r.lowering.weight_bytes for r in recs if r.lowering is not None)))
+            weight_bytes=sum(r.lowering.weight_bytes for r in recs if r.lowering is not None),
+            float_bytes=kept, float_fraction=kept / max(total, 1)))
         del lowered
     recs = [r for _, r in meta.records(gm)]
     ranking = tuple(r.name for r in sorted(recs, key=lambda r: r.fragility.rank))
-    return Ladder(recipe.name, len(recs), tuple(points), ranking, meta.graph_record(gm).spearman_rho,
-                  len(evaluation), gm)
+    by_sens, rho = (), None
+    if all(r.sensitivity is not None for r in recs):
+        by_sens = tuple(r.name for r in sorted(recs, key=lambda r: r.sensitivity.rank))
+        rho = spearman([r.sensitivity.error for r in recs], [r.fragility.score for r in recs])
+    return Ladder(recipe.name, len(recs), tuple(points), ranking,
+                  meta.graph_record(gm).spearman_rho, len(evaluation), by.value, by_sens, rho, gm)

@@ -67,6 +67,17 @@ class Fragility:
 
 
 @dataclass(frozen=True)
+class Sensitivity:
+    """Written by ``score_sensitivity``: the relative L2 error of the model's output with only this
+    linear quantized (``error``), its rank (1 = most sensitive), and the cheap one-forward proxy
+    ``local`` (the relative error of this linear's own output)."""
+
+    error: float
+    rank: int
+    local: float = 0.0
+
+
+@dataclass(frozen=True)
 class Selection:
     """Written by ``select_schemes``: the linear's scheme, whether it is quantized, protected or
     skipped, why (``reason``, shown by `fxquant.summary`) and what decided it."""
@@ -136,6 +147,7 @@ class LinearRecord:
     call: int = 0  # which call of the module this node is: 0, or 1, 2, ... for a module called again (find_linears)
     stats: Optional[ActStats] = None  # collect_stats
     fragility: Optional[Fragility] = None  # score_fragility
+    sensitivity: Optional[Sensitivity] = None  # score_sensitivity
     selection: Optional[Selection] = None  # select_schemes
     smoothing: Optional[Smoothing] = None  # fold_smoothing
     lowering: Optional[Lowering] = None  # the lowering pass owning selection.scheme
@@ -150,7 +162,7 @@ class LinearRecord:
                                "out_features": self.out_features, "has_bias": self.has_bias}
         if self.call:
             out["call"] = self.call
-        for f in ("stats", "fragility", "selection", "smoothing", "lowering"):
+        for f in ("stats", "fragility", "sensitivity", "selection", "smoothing", "lowering"):
             v = getattr(self, f)
             if v is not None:
                 out[f] = v.to_json() if hasattr(v, "to_json") else _plain(dataclasses.asdict(v))
@@ -166,6 +178,8 @@ class LinearRecord:
                                    tuple(StepStats(*x) for x in s.get("per_step", ())))
         if "fragility" in d:
             kw["fragility"] = Fragility(**d["fragility"])
+        if "sensitivity" in d:
+            kw["sensitivity"] = Sensitivity(**d["sensitivity"])
         if "lowering" in d:
             kw["lowering"] = Lowering(**d["lowering"])
         if "selection" in d:

@@ -1,8 +1,8 @@
 """The passes a recipe implies, in one visible list, in three phases: analyse, decide, rewrite.
 
-    analysis:  find_linears -> [collect_stats -> [score_fragility]]
+    analysis:  find_linears -> [collect_stats -> [score_fragility] -> [score_sensitivity]]
     decide:    select_schemes                       (one Scheme per linear, from the recipe)
-    rewrite:   [fold_smoothing] -> the lowering of every scheme the recipe uses (LOWERINGS)
+    rewrite:   [fold_smoothing] -> [round_gptq] -> the lowering of every scheme the recipe uses (LOWERINGS)
                -> [materialize_folds]
 
 Bracketed passes run only when the recipe needs them: calibration statistics for SmoothQuant or
@@ -42,9 +42,11 @@ from .passes.keep_float import KeepFloat
 from .passes.lower_gguf import LowerGGUF
 from .passes.lower_w8a8 import LowerW8A8
 from .passes.materialize_folds import MaterializeFolds
+from .passes.round_gptq import RoundGPTQ
 from .passes.score_fragility import ScoreFragility
+from .passes.score_sensitivity import ScoreSensitivity
 from .passes.select_schemes import SelectOptions, SelectSchemes
-from .recipe import MisalignedPolicy, Recipe
+from .recipe import MisalignedPolicy, ProtectBy, Recipe
 from .schemes import Scheme
 
 log = logging.getLogger("fxquant")
@@ -155,11 +157,17 @@ def build(recipe: Recipe, calibration: Sequence[Any] | None = None, label: str =
     analysis: list[FxquantPass] = [FindLinears()]
     if recipe.needs_calibration:
         analysis.append(CollectStats(calibration, label=f"collect_stats {label}".strip()))
-        if recipe.protect_top_k > 0:
+        ranks = recipe.protect_top_k > 0 or recipe.has_budget
+        if ranks:
             analysis.append(ScoreFragility(recipe.fragility_score))
+        if ranks and recipe.protect_by is ProtectBy.SENSITIVITY:
+            analysis.append(ScoreSensitivity(calibration, recipe.sensitivity_samples,
+                                             recipe.alpha if recipe.smoothquant else None))
     rewrite: list[FxquantPass] = []
     if recipe.smoothquant:
         rewrite.append(FoldSmoothing(recipe.alpha, recipe.alpha_search, calibration))
+    if recipe.gptq:
+        rewrite.append(RoundGPTQ(calibration, recipe.gptq_damp))
     rewrite += lowerings(recipe)
     if recipe.smoothquant:
         rewrite.append(MaterializeFolds())  # after every lowering: bakes what stays float

@@ -37,6 +37,13 @@ class FragilityScore(str, enum.Enum):
     MAXABS = "maxabs"
 
 
+class ProtectBy(str, enum.Enum):
+    """Which ranking top-k protection (and the float budget) uses."""
+
+    FRAGILITY = "fragility"  # the paper's activation-statistics score (score_fragility)
+    SENSITIVITY = "sensitivity"  # measured output error with one linear quantized (score_sensitivity)
+
+
 class MisalignedPolicy(str, enum.Enum):
     """What becomes of a linear whose in_features is not a multiple of its scheme's block size
     (256 for Q4_K, 32 for Q8_0)."""
@@ -154,6 +161,14 @@ class Recipe:
             such as ``q8_0`` (llama.cpp's Q4_K_M keeps its sensitive tensors at higher precision).
         skip: rules for linears left untouched by every pass (shown as ``skipped``).
         misaligned: what a linear becomes whose in_features is not a multiple of its scheme's block.
+        protect_by: the ranking top-k and the budget use: ``fragility`` or ``sensitivity``.
+        protect_budget: protect linears greedily by measured error removed per float byte, up to
+            this fraction of all linear weight bytes (rule- and top-k-protected ones count); needs
+            ``protect_by="sensitivity"``. 0: no budget.
+        protect_budget_bytes: the same budget in bytes (0: none; with both, the smaller binds).
+        sensitivity_samples: calibration inputs ``score_sensitivity`` runs on (spread over the trajectory).
+        gptq: GPTQ rounding of the W8A8 linears' int8 weights (Hessian from the calibration inputs).
+        gptq_damp: GPTQ's Hessian damping, a fraction of its mean diagonal.
     """
 
     name: str = "custom"
@@ -169,6 +184,12 @@ class Recipe:
     protect_scheme: Scheme = Scheme.FLOAT
     skip: tuple[LayerRule, ...] = ()
     misaligned: MisalignedPolicy = MisalignedPolicy.KEEP_FLOAT
+    protect_by: ProtectBy = ProtectBy.FRAGILITY
+    protect_budget: float = 0.0
+    protect_budget_bytes: int = 0
+    sensitivity_samples: int = 2
+    gptq: bool = False
+    gptq_damp: float = 0.01
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -177,11 +198,12 @@ class Recipe:
         set_(self, "rules", _scheme_rules(self.rules))
         set_(self, "fragility_score", _enum(FragilityScore, self.fragility_score, "fragility_score"))
         set_(self, "misaligned", _enum(MisalignedPolicy, self.misaligned, "misaligned"))
+        set_(self, "protect_by", _enum(ProtectBy, self.protect_by, "protect_by"))
         set_(self, "protect", _rules(self.protect, "protect"))
         set_(self, "skip", _rules(self.skip, "skip"))
         if not isinstance(self.name, str) or not self.name:
             raise RecipeError(f"recipe.name: expected a non-empty string, got {self.name!r}")
-        for key in ("smoothquant",):
+        for key in ("smoothquant", "gptq"):
             if not isinstance(getattr(self, key), bool):
                 raise RecipeError(f"recipe.{key}: expected true or false, got {getattr(self, key)!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
@@ -199,18 +221,45 @@ class Recipe:
         if self.smoothquant and not any(info(s).quantized_activations for s in self.schemes):
             raise RecipeError(f"recipe.smoothquant: SmoothQuant needs a scheme that quantizes activations (w8a8); "
                               f"this recipe only uses {sorted(s.value for s in self.schemes)} (weight-only)")
+        self._check_sensitivity_and_gptq()
+
+    def _check_sensitivity_and_gptq(self) -> None:
+        for key in ("protect_budget", "gptq_damp"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise RecipeError(f"recipe.{key}: expected a number in [0, 1], got {v!r}")
+            object.__setattr__(self, key, float(v))
+        if self.gptq and not self.gptq_damp > 0:
+            raise RecipeError(f"recipe.gptq_damp: expected a number in (0, 1] with gptq, got {self.gptq_damp!r}")
+        for key, low in (("protect_budget_bytes", 0), ("sensitivity_samples", 1)):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise RecipeError(f"recipe.{key}: expected an integer >= {low}, got {v!r}")
+        if self.has_budget and self.protect_by is not ProtectBy.SENSITIVITY:
+            raise RecipeError("recipe.protect_budget: a float budget is spent by measured sensitivity; "
+                              "set protect_by to 'sensitivity'")
+        # score_sensitivity and round_gptq simulate / round W8A8 (int8 weights on the RTN scale).
+        if self.protect_by is ProtectBy.SENSITIVITY and self.default is not Scheme.W8A8:
+            raise RecipeError(f"recipe.protect_by: sensitivity is measured for W8A8, the default here is {self.default.value}")
+        if self.gptq and Scheme.W8A8 not in self.schemes:
+            raise RecipeError(f"recipe.gptq: GPTQ rounding is implemented for W8A8 int8 weights; this recipe only "
+                              f"uses {sorted(s.value for s in self.schemes)}")
+
+    @property
+    def has_budget(self) -> bool:
+        return self.protect_budget > 0 or self.protect_budget_bytes > 0
 
     @property
     def schemes(self) -> frozenset[Scheme]:
         """Every scheme this recipe can give a linear (before the misaligned policy)."""
         out = {self.default, *(r.scheme for r in self.rules)}
-        if self.protect_top_k or self.protect:
+        if self.protect_top_k or self.protect or self.has_budget:
             out.add(self.protect_scheme)
         return frozenset(out)
 
     @property
     def needs_calibration(self) -> bool:
-        return self.smoothquant or self.protect_top_k > 0
+        return self.smoothquant or self.protect_top_k > 0 or self.has_budget or self.gptq
 
     # ---- JSON ----
     def to_dict(self) -> dict[str, Any]:
@@ -285,7 +334,7 @@ def _upgrade_format1(data: Mapping[str, Any]) -> Mapping[str, Any]:
 # The paper's recipe: SmoothQuant (alpha 0.5) plus mixed-precision protection of the 17 most
 # fragile of Ideogram 4's 279 linears, and the time-embedding output always.
 _PAPER = Recipe(
-    name="int8-w8a8",
+    name="int8-w8a8-paper",
     smoothquant=True,
     alpha=0.5,
     protect_top_k=17,
@@ -294,7 +343,12 @@ _PAPER = Recipe(
 )
 
 PRESETS: dict[str, Recipe] = {
-    "int8-w8a8": _PAPER,
+    # What bench/sensitivity_ablation.py measured best (docs/sensitivity.md): SmoothQuant (alpha 0.5),
+    # the linears whose quantization measurably hurts the output most per float byte kept in float
+    # within 5 % of the linear weight bytes, and GPTQ rounding of the int8 weights.
+    "int8-w8a8": Recipe(name="int8-w8a8", smoothquant=True, alpha=0.5, protect_by=ProtectBy.SENSITIVITY,
+                        protect_budget=0.05, gptq=True),
+    "int8-w8a8-paper": _PAPER,
     # The paper's recipe with the protected linears stored Q8_0 (weight-only) instead of float.
     "int8-w8a8-q8": _PAPER.replace(name="int8-w8a8-q8", protect_scheme=Scheme.Q8_0),
     "w8a8-naive": Recipe(name="w8a8-naive"),

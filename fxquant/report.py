@@ -1,9 +1,11 @@
 """The analysis report: why each linear was protected, as JSON, Markdown and PNG plots.
 
-    report(gm, "out/")  ->  out/report.json        every record (stats, fragility, selection, lowering)
-                            out/report.md          ranking table, protected set and why, ladder
+    report(gm, "out/")  ->  out/report.json        every record (stats, fragility, sensitivity, selection, lowering)
+                            out/report.md          both rankings, their Spearman, protected set and why, ladder
                             out/fragility.png      score per linear in graph order, kept-float ones coloured
-                            out/ladder.png         error vs k, knee marked (with ``ladder=``)
+                            out/sensitivity.png    measured sensitivity per linear (when scored)
+                            out/ladder.png         error vs k, knee marked (with ``ladder=``; one curve per
+                                                   ladder given, e.g. by fragility and by sensitivity)
 
 For a dict of CFG branches every file carries the branch (``fragility_cond.png``, one JSON and
 one Markdown). ``fed_by`` names, for each linear, the linears whose outputs reach its input
@@ -16,13 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch.fx as fx
 
 from . import meta
 from .errors import FxquantError
 from .ladder import Ladder
+from .passes.score_fragility import spearman
 from .schemes import DecidedBy, SelectionKind
 
 GraphLike = Union[fx.GraphModule, Mapping[str, fx.GraphModule]]
@@ -62,23 +65,23 @@ def _rows(gm: fx.GraphModule) -> list[dict[str, Any]]:
     return rows
 
 
-def _plot_fragility(rows: list[dict[str, Any]], title: str, path: str) -> None:
+def _plot_fragility(rows: list[dict[str, Any]], title: str, path: str, field: str = "fragility", value: str = "score") -> None:
     plt = _pyplot()
-    scored = [r for r in rows if "fragility" in r]
+    scored = [r for r in rows if field in r]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(rows) + 3), 4.0))
     xs = range(len(scored))
     colors = [_color(r.get("selection", {})) for r in scored]
     prot = [c != COLORS["quantized"] for c in colors]
-    ax.bar(xs, [max(r["fragility"]["score"], 1e-12) for r in scored], color=colors)
+    ax.bar(xs, [max(r[field][value], 1e-12) for r in scored], color=colors)
     ax.set_yscale("log")
     if scored:  # headroom above the tallest bar for its rotated name and the legend
-        ax.set_ylim(top=max(r["fragility"]["score"] for r in scored) * 40)
+        ax.set_ylim(top=max(r[field][value] for r in scored) * 40)
     ax.set_xlabel("linear (graph order)")
-    ax.set_ylabel("fragility score")
+    ax.set_ylabel("fragility score" if field == "fragility" else "output rel. error, this linear alone W8A8")
     ax.set_title(title)
     for x, r, p in zip(xs, scored, prot):
         if p:
-            ax.annotate(r["name"], (x, r["fragility"]["score"]), rotation=90, fontsize=6, ha="center", va="bottom")
+            ax.annotate(r["name"], (x, r[field][value]), rotation=90, fontsize=6, ha="center", va="bottom")
     used = [k for k, c in COLORS.items() if c in colors]
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in used], labels=used,
               loc="upper left", fontsize=7)
@@ -87,7 +90,8 @@ def _plot_fragility(rows: list[dict[str, Any]], title: str, path: str) -> None:
     plt.close(fig)
 
 
-COLORS = {"protected: top-k": "tab:red", "protected: rule": "tab:orange", "skipped": "tab:gray", "quantized": "tab:blue"}
+COLORS = {"protected: top-k": "tab:red", "protected: rule": "tab:orange", "protected: budget": "tab:purple",
+          "skipped": "tab:gray", "quantized": "tab:blue"}
 
 
 def _color(sel: dict[str, Any]) -> str:
@@ -96,21 +100,22 @@ def _color(sel: dict[str, Any]) -> str:
         return COLORS["quantized"]
     if kind == SelectionKind.SKIPPED:
         return COLORS["skipped"]
-    return COLORS["protected: top-k" if sel.get("by") == DecidedBy.TOP_K else "protected: rule"]
+    return COLORS[{DecidedBy.TOP_K: "protected: top-k", DecidedBy.BUDGET: "protected: budget"}.get(sel.get("by"), "protected: rule")]
 
 
-def _plot_ladder(ladder: Ladder, title: str, path: str) -> None:
+def _plot_ladder(ladders: list[Ladder], title: str, path: str) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
-    ks = [p.k for p in ladder.points]
-    ax.plot(ks, [p.rel_error for p in ladder.points], "o-", label="pooled")
-    ax.plot(ks, [p.max_rel_error for p in ladder.points], "x--", alpha=0.6, label="worst input")
-    knee = ladder.knee()
-    if knee is not None:
-        e = next(p.rel_error for p in ladder.points if p.k == knee)
-        ax.axvline(knee, color="tab:red", lw=0.8)
-        ax.annotate(f"knee k={knee}", (knee, e), color="tab:red", xytext=(5, 10), textcoords="offset points")
-    ax.set_xlabel("k (most fragile linears kept in float)")
+    for ladder, color in zip(ladders, ("tab:blue", "tab:green", "tab:purple", "tab:brown")):
+        ks = [p.k for p in ladder.points]
+        ax.plot(ks, [p.rel_error for p in ladder.points], "o-", color=color, label=f"by {ladder.by}: pooled")
+        ax.plot(ks, [p.max_rel_error for p in ladder.points], "x--", color=color, alpha=0.5, label=f"by {ladder.by}: worst input")
+        knee = ladder.knee()
+        if knee is not None:
+            e = next(p.rel_error for p in ladder.points if p.k == knee)
+            ax.axvline(knee, color=color, lw=0.8)
+            ax.annotate(f"knee k={knee}", (knee, e), color=color, xytext=(5, 10), textcoords="offset points")
+    ax.set_xlabel("k (top-ranked linears kept in float)")
     ax.set_ylabel("relative L2 error vs float")
     ax.set_title(title)
     ax.legend(fontsize=7)
@@ -137,16 +142,26 @@ def _markdown(section: str, g: Optional[meta.GraphRecord], rows: list[dict[str, 
                      f"timesteps (denoising order): {', '.join(f'{t:g}' for t in g.timesteps) or '-'}")
         rho = "-" if g.spearman_rho is None else f"{g.spearman_rho:.3f}"
         lines.append(f"- ranking stability, Spearman rho of early vs late half of the trajectory: {rho}")
+    both = [r for r in rows if "sensitivity" in r and "fragility" in r]
+    if len(both) >= 2:
+        rho2 = spearman([r["sensitivity"]["error"] for r in both], [r["fragility"]["score"] for r in both])
+        lines.append(f"- agreement of the two rankings, Spearman rho of measured sensitivity vs fragility score: "
+                     f"{'-' if rho2 is None else f'{rho2:.3f}'}")
     schemes: dict[str, int] = {}
     for r in rows:
         sc = r.get("lowering", {}).get("scheme", "float")
         schemes[sc] = schemes.get(sc, 0) + 1
     protected = sum(1 for r in rows if r.get("selection", {}).get("kind", SelectionKind.QUANTIZE) != SelectionKind.QUANTIZE)
+    size = _float_sizes(rows)
+    kept_bytes = sum(size[r["name"]] for r in rows if r.get("lowering", {}).get("scheme") == "float")
+    total = sum(size.values())
     lines += [f"- schemes: {', '.join(f'{k} {v}' for k, v in sorted(schemes.items()))} of {len(rows)} linears; "
-              f"kept in float: {schemes.get('float', 0)}; protected or skipped by the recipe: {protected}", "",
+              f"kept in float: {schemes.get('float', 0)}; protected or skipped by the recipe: {protected}",
+              f"- bytes kept in float: {kept_bytes / 2**20:.3f} MiB of {total / 2**20:.3f} MiB of linear weights "
+              f"in float ({100 * kept_bytes / max(total, 1):.2f} %)", "",
               f"![fragility]({png})" if png else "No fragility scores: the recipe does not rank layers (protect_top_k = 0).", "",
-              "| rank | linear | score | mean kurtosis | max abs | early/late rank | scheme | why | fed by |",
-              "|---:|---|---:|---:|---:|---|---|---|---|"]
+              "| rank | linear | score | sens. rank | sensitivity | mean kurtosis | max abs | early/late rank | scheme | why | fed by |",
+              "|---:|---|---:|---:|---:|---:|---:|---|---|---|---|"]
 
     def key(r: dict[str, Any]) -> tuple:
         return (r["fragility"]["rank"] if "fragility" in r else 1 << 30, r["name"])
@@ -157,11 +172,20 @@ def _markdown(section: str, g: Optional[meta.GraphRecord], rows: list[dict[str, 
         if sel.get("kind", SelectionKind.QUANTIZE) != SelectionKind.QUANTIZE:
             scheme = f"{scheme} ({sel['kind']})"
         el = f"{f.get('early_rank') or '-'}/{f.get('late_rank') or '-'}" if f else "-"
+        sv = r.get("sensitivity", {})
         lines.append("| " + " | ".join([
-            str(f.get("rank", "-")), f"`{r['name']}`", _num(f.get("score")), _num(r.get("mean_kurtosis")),
+            str(f.get("rank", "-")), f"`{r['name']}`", _num(f.get("score")), str(sv.get("rank", "-")),
+            _num(sv.get("error")), _num(r.get("mean_kurtosis")),
             _num(s.get("max_abs")), el, str(scheme), sel.get("reason", "") or "-",
             _feeders(r["fed_by"])]) + " |")
     return lines + [""]
+
+
+def _float_sizes(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Each linear's weight bytes in float: in x out at the float dtype's width (read from a linear left
+    in float; 32 bits when none is)."""
+    bits = next((r["lowering"]["bits_per_weight"] for r in rows if r.get("lowering", {}).get("scheme") == "float"), 32.0)
+    return {r["name"]: int(r["in_features"] * r["out_features"] * bits) // 8 for r in rows}
 
 
 def _feeders(names: list[str]) -> str:
@@ -175,26 +199,36 @@ def _num(v: Any) -> str:
     return "-" if v is None else f"{v:.4g}"
 
 
-def _ladder_md(ladder: Ladder, png: str, section: str) -> list[str]:
-    knee = ladder.knee()
-    lines = [f"## Protection ladder{section}", "",
-             f"Recipe `{ladder.recipe}`, {ladder.num_linears} linears, {ladder.num_evaluation} held-out inputs; "
-             f"knee: {'-' if knee is None else f'k = {knee}'}.", "", f"![ladder]({png})", "",
-             "| k | kept in float | relative error | worst input | linear weights (MiB) |", "|---:|---:|---:|---:|---:|"]
-    for p in ladder.points:
-        lines.append(f"| {p.k} | {len(p.protected)} | {p.rel_error:.5g} | {p.max_rel_error:.5g} | "
-                     f"{p.weight_bytes / 2**20:.3f} |")
-    return lines + [""]
+def _ladder_md(ladders: list[Ladder], png: str, section: str) -> list[str]:
+    lines = [f"## Protection ladder{section}", "", f"![ladder]({png})", ""]
+    for ladder in ladders:
+        knee = ladder.knee()
+        rho = "-" if ladder.spearman_rankings is None else f"{ladder.spearman_rankings:.3f}"
+        lines += [f"### By {ladder.by}", "",
+                  f"Recipe `{ladder.recipe}`, {ladder.num_linears} linears, {ladder.num_evaluation} held-out inputs; "
+                  f"knee: {'-' if knee is None else f'k = {knee}'}; Spearman rho of sensitivity vs fragility: {rho}.",
+                  f"Top by fragility: {', '.join(f'`{n}`' for n in ladder.ranking[:5])}.",
+                  f"Top by sensitivity: {', '.join(f'`{n}`' for n in ladder.ranking_sensitivity[:5]) or '-'}.", "",
+                  "| k | kept in float | float MiB | float % of linear weights | relative error | worst input | linear weights (MiB) |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        for p in ladder.points:
+            lines.append(f"| {p.k} | {len(p.protected)} | {p.float_bytes / 2**20:.3f} | {100 * p.float_fraction:.2f} | "
+                         f"{p.rel_error:.5g} | {p.max_rel_error:.5g} | {p.weight_bytes / 2**20:.3f} |")
+        lines.append("")
+    return lines
 
 
 def report(gm: GraphLike, path: Union[str, "os.PathLike[str]"],
-           ladder: Union[Ladder, Mapping[str, Ladder], None] = None) -> dict[str, str]:
+           ladder: Union[Ladder, Sequence[Ladder], Mapping[str, Union[Ladder, Sequence[Ladder]]], None] = None
+           ) -> dict[str, str]:
     """Write the analysis report of a compiled module (or dict of branches) into directory ``path``.
 
     Args:
         gm: the output of `fxquant.compile` (or `Ladder.analysed`): any GraphModule with records.
         path: a directory, created if missing; existing report files in it are overwritten.
-        ladder: a `fxquant.protection_ladder` result (or a dict of them, keyed like ``gm``).
+        ladder: a `fxquant.protection_ladder` result, or a list of them (e.g. one climbing the
+            fragility ranking and one the sensitivity ranking: drawn together), or a dict of either,
+            keyed like ``gm``.
 
     Returns:
         ``{"json": ..., "markdown": ..., "fragility_png"[_branch]: ..., "ladder_png"[_branch]: ...}`` paths.
@@ -228,12 +262,19 @@ def report(gm: GraphLike, path: Union[str, "os.PathLike[str]"],
             written[f"fragility_png{suffix}"] = os.path.join(path, png)
         md += _markdown(f"Branch `{name}`" if name else "Linears by fragility", grec, rows, png)
         doc["branches"][name] = {"graph": grec.to_json() if grec is not None else None, "linears": rows}
+        if any("sensitivity" in r for r in rows):
+            sp = f"sensitivity{suffix}.png"
+            _plot_fragility(rows, f"measured sensitivity per linear{' (' + name + ')' if name else ''}",
+                            os.path.join(path, sp), "sensitivity", "error")
+            written[f"sensitivity_png{suffix}"] = os.path.join(path, sp)
+            md += [f"![sensitivity]({sp})", ""]
         if name in ladders:
+            lads = [ladders[name]] if isinstance(ladders[name], Ladder) else list(ladders[name])
             lp = f"ladder{suffix}.png"
-            _plot_ladder(ladders[name], f"protection ladder{' (' + name + ')' if name else ''}", os.path.join(path, lp))
+            _plot_ladder(lads, f"protection ladder{' (' + name + ')' if name else ''}", os.path.join(path, lp))
             written[f"ladder_png{suffix}"] = os.path.join(path, lp)
-            md += _ladder_md(ladders[name], lp, f" (`{name}`)" if name else "")
-            doc["branches"][name]["ladder"] = ladders[name].to_json()
+            md += _ladder_md(lads, lp, f" (`{name}`)" if name else "")
+            doc["branches"][name]["ladder"] = lads[0].to_json() if len(lads) == 1 else [x.to_json() for x in lads]
     written["json"] = os.path.join(path, "report.json")
     with open(written["json"], "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=2, default=_json_default)

@@ -61,7 +61,8 @@ class DecidedBy(str, enum.Enum):
 
     DEFAULT = "default"  # recipe.default
     RULE = "rule"  # a skip / protect / scheme rule
-    TOP_K = "top_k"  # the fragility ranking
+    TOP_K = "top_k"  # the fragility (or sensitivity) ranking
+    BUDGET = "budget"  # the float budget spent by measured sensitivity (score_sensitivity)
     MISALIGNED = "misaligned"  # the wanted scheme's block does not divide in_features (recipe.misaligned)
 
 

@@ -11,6 +11,10 @@ whose dim 0 is 1 repeated to 2 (inputs without a batch dim, such as Flux's ``img
 their shape); if the model then pins one of those dims, tracing fails with a `TraceError` rather
 than returning a module locked to batch 2.
 
+``with torch.autocast(...)`` blocks, which export keeps as ``wrap_with_autocast`` regions that
+``torch.compile`` cannot trace at a new shape, are inlined between enter/exit autocast calls
+(`passes.inline_autocast`; same autocast state, bit-identical outputs).
+
 The caller's model is left as it was: parameters are shared with the GraphModule but never
 written (passes rebind new tensors), ``requires_grad`` and every submodule's training flag are
 untouched.
@@ -125,6 +129,10 @@ def trace(model: torch.nn.Module, example: Any) -> fx.GraphModule:
         for m, training in flags.items():
             m.training = training
     gm = ep.module()
+    # Imported here: the pass uses graph.py, which imports this module.
+    from .passes.inline_autocast import InlineAutocast
+
+    gm = InlineAutocast()(gm).graph_module
     _check_repeated_batch_dynamic(gm, orig, (args, kwargs))
     for name, p in list(gm.named_parameters()):  # new Parameter objects: the caller's keep requires_grad
         owner, _, leaf = name.rpartition(".")

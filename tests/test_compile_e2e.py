@@ -71,7 +71,7 @@ def test_summary_rows(compiled):
     s = fxquant.summary(compiled[0]["cond"])
     rows = {r.name: r for r in s.rows}
     assert len(rows) == 23
-    assert rows["layers.1.feed_forward.w2"].scheme == "protected"
+    assert (rows["layers.1.feed_forward.w2"].scheme, rows["layers.1.feed_forward.w2"].kind) == ("float", "protected")
     assert rows["layers.1.feed_forward.w2"].reason == "matches protect rule 'layers.*.feed_forward.w2'"
     assert rows["layers.0.attention.to_q"].scheme == "w8a8"
     assert rows["layers.0.attention.to_q"]["in_features"] == 128

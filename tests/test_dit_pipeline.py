@@ -34,7 +34,7 @@ def test_record_inputs_sees_the_pipeline_calls(recorded):
     assert rec[0]["hidden_states"].shape == (2, 4, 8, 8)  # CFG: conditional and null-class halves
 
 
-@pytest.mark.parametrize("recipe, scheme, bound", [("int8-w8a8", "w8a8", 0.03), ("q8_0", "q8_0", 0.01)])
+@pytest.mark.parametrize("recipe, scheme, bound", [("int8-w8a8-paper", "w8a8", 0.03), ("q8_0", "q8_0", 0.01)])
 def test_compile_on_recorded_inputs(recorded, recipe, scheme, bound):
     pipe, rec = recorded
     gm = fxquant.compile(pipe.transformer, recipe, calibration=list(rec)[:3])
@@ -43,7 +43,7 @@ def test_compile_on_recorded_inputs(recorded, recipe, scheme, bound):
     emb = "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"
     assert emb in names and emb + "#1" in names  # one row per call of the embedder
     lowered = [r for r in rows if r.scheme == scheme]
-    assert len(lowered) >= len(rows) - 2, fxquant.summary(gm)  # int8-w8a8 protects one or two
+    assert len(lowered) >= len(rows) - 2, fxquant.summary(gm)  # int8-w8a8-paper protects one or two
     with torch.no_grad():
         ref, out = pipe.transformer(**rec[3]).sample, gm(**rec[3]).sample  # a held-out step
     assert rel_err(out, ref) < bound

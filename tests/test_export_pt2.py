@@ -57,7 +57,7 @@ def test_pt2_keeps_dynamic_dims_custom_ops_and_records(compiled, pt2):
     assert _count(ep.graph, W8A8) == _count(compiled.graph, W8A8) == 23 - 2
     loaded_rows = fxquant.summary(ep.module()).rows
     assert loaded_rows == fxquant.summary(compiled).rows
-    assert {r.scheme for r in loaded_rows} == {"w8a8", "protected"}
+    assert {(r.scheme, r.kind) for r in loaded_rows} == {("w8a8", "quantize"), ("float", "protected")}
 
 
 def test_pt2_loads_in_a_fresh_process_after_import_fxquant(compiled, pt2, tmp_path):

@@ -92,7 +92,7 @@ def test_fed_by_stops_at_linears():
 @pytest.mark.slow
 def test_report_files_and_summary(setup, tmp_path):
     model, calib, _, lad = setup
-    gm = fxquant.compile(model, "int8-w8a8", calibration=calib)
+    gm = fxquant.compile(model, "int8-w8a8-paper", calibration=calib)
     # the preset's k = 17 of 279 scales to round(17 * 23 / 279) = 1 here, plus the time-embedding output
     text = str(fxquant.summary(gm))
     assert "fragility rank 1 of 23 (top 1)" in text and "matches protect rule 't_embedding.mlp_out'" in text
@@ -151,3 +151,30 @@ def test_report_without_fragility_scores(tmp_path):
     assert "fragility_png" not in out
     assert "No fragility scores" in open(out["markdown"]).read()
     assert len(json.load(open(out["json"]))["branches"][""]["linears"]) == 15
+
+
+@pytest.mark.slow
+def test_ladder_by_sensitivity_and_report_of_both_rankings(setup, tmp_path):
+    model, calib, held_out, lad_f = setup
+    lad_s = protection_ladder(model, [0, 1, 2, 23], calib, held_out, recipe=fxquant.Recipe(name="naive"), by="sensitivity")
+    assert lad_s.by == "sensitivity" and lad_f.by == "fragility"
+    assert lad_s.ranking == lad_f.ranking and sorted(lad_s.ranking_sensitivity) == sorted(lad_f.ranking)
+    assert lad_s.spearman_rankings is not None and -1 <= lad_s.spearman_rankings <= 1
+    # the points follow the sensitivity ranking; float bytes grow with k, all-float is all of them
+    assert lad_s.points[1].protected == lad_s.ranking_sensitivity[:1]
+    fb = [p.float_bytes for p in lad_s.points]
+    assert fb == sorted(fb) and fb[0] == 0 and lad_s.points[-1].float_fraction == pytest.approx(1.0)
+    assert lad_s.points[-1].rel_error < 1e-6 and lad_s.points[1].rel_error < lad_s.points[0].rel_error
+    gm = fxquant.compile(model, fxquant.Recipe(name="sens", protect_by="sensitivity", protect_budget=0.05),
+                         calibration=calib)
+    out = report(gm, tmp_path / "both", ladder=[lad_f, lad_s])
+    assert {"sensitivity_png", "ladder_png", "fragility_png"} <= set(out)
+    md = open(out["markdown"]).read()
+    assert "### By fragility" in md and "### By sensitivity" in md and "Spearman rho of measured sensitivity vs fragility" in md
+    assert "float % of linear weights" in md and "sens. rank" in md
+    doc = json.loads(open(out["json"]).read())
+    assert [x["by"] for x in doc["branches"][""]["ladder"]] == ["fragility", "sensitivity"]
+    rows = doc["branches"][""]["linears"]
+    assert all("sensitivity" in r for r in rows)
+    kept = [r for r in rows if r["selection"]["kind"] == "protected"]
+    assert kept and all(r["selection"]["by"] == "budget" for r in kept)

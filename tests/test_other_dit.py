@@ -35,8 +35,8 @@ def flux():
 
 def test_flux_compiles_and_tracks_float(flux):
     gm = fxquant.compile(flux, fxquant.Recipe(name="flux", protect=("proj_out",)), calibration=[flux_inputs(2, 16, 8)])
-    rows = {r.name: r.scheme for r in fxquant.summary(gm).rows}
-    assert rows["proj_out"] == "protected" and rows["transformer_blocks.0.attn.to_q"] == "w8a8"
+    rows = {r.name: (r.scheme, r.kind) for r in fxquant.summary(gm).rows}
+    assert rows["proj_out"] == ("float", "protected") and rows["transformer_blocks.0.attn.to_q"] == ("w8a8", "quantize")
     assert sum(1 for n in gm.graph.nodes if n.target is W8A8) == len(rows) - 1
     ex = flux_inputs(3, 20, 6, seed=1)  # other batch, image and text lengths than traced
     with torch.no_grad():
@@ -46,6 +46,6 @@ def test_flux_compiles_and_tracks_float(flux):
 
 def test_ideogram_names_in_recipe_do_not_break_other_models(flux):
     # The paper preset's protect rule names an Ideogram 4 layer; it is optional, so Flux still compiles.
-    r = fxquant.Recipe.preset("int8-w8a8").replace(smoothquant=False, protect_top_k=0)
+    r = fxquant.Recipe.preset("int8-w8a8-paper").replace(smoothquant=False, protect_top_k=0)
     gm = fxquant.compile(flux, r, calibration=[flux_inputs(2, 16, 8)])
-    assert "protected" not in fxquant.summary(gm).counts()
+    assert "protected" not in fxquant.summary(gm).counts("kind")

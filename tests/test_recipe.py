@@ -15,7 +15,7 @@ def test_presets_round_trip_through_json(name):
 
 
 def test_paper_preset_is_smoothquant_plus_protection():
-    r = Recipe.preset("int8-w8a8")
+    r = Recipe.preset("int8-w8a8-paper")
     assert r.smoothquant and r.protect_top_k == 17 and r.protect_reference_linears == 279
     assert [x.pattern for x in r.protect] == ["t_embedding.mlp_out"] and not r.protect[0].required
     naive = Recipe.preset("w8a8-naive")

@@ -22,7 +22,7 @@ from .conftest import rel_err
 from .test_other_dit import flux_inputs
 
 MUL = torch.ops.aten.mul.Tensor
-SQ_ONLY = fxquant.Recipe.preset("int8-w8a8").replace(name="sq", protect_top_k=0, protect=())
+SQ_ONLY = fxquant.Recipe.preset("int8-w8a8-paper").replace(name="sq", protect_top_k=0, protect=())
 
 
 def folded(model, calibration, recipe=SQ_ONLY):
@@ -95,12 +95,12 @@ def test_flux_adaln_zero_folds_scale_and_shift_rows():
 def test_int8_w8a8_preset_compiles_saves_and_loads(ideogram, tmp_path):
     before = {k: v.clone() for k, v in ideogram.state_dict().items()}
     calib = ideogram4_trajectory(steps=3, seed=5)
-    gm = fxquant.compile(ideogram, "int8-w8a8", calibration=calib)
+    gm = fxquant.compile(ideogram, "int8-w8a8-paper", calibration=calib)
     assert all(torch.equal(before[k], v) for k, v in ideogram.state_dict().items())
     rows = {r.name: r for r in fxquant.summary(gm).rows}
     assert rows["layers.0.attention.to_q"].smoothing == "norm"
     assert rows["final_layer.linear"].smoothing == "adaln"
-    assert rows["t_embedding.mlp_out"].scheme == "protected" and rows["t_embedding.mlp_out"].smoothing == "none"
+    assert rows["t_embedding.mlp_out"].kind == "protected" and rows["t_embedding.mlp_out"].smoothing == "none"
     assert {r.smoothing for r in rows.values()} <= {"norm", "adaln", "linear", "fused", "none"}
     assert "smoothing" in str(fxquant.summary(gm)).splitlines()[1]
     # Fused vectors ride inside the W8A8 op; no separate multiply survives lowering.

@@ -36,6 +36,7 @@ from torch._export.serde import serialize as serde
 from .. import meta
 from ..errors import FormatError, FxquantError, describe
 from .common import PathLike, fspath, writable
+from ..passes.inline_autocast import InlineAutocast
 from .export import export_program
 from .manifest import (DIGESTS_KEY, FORMAT, FORMAT_VERSION, MANIFEST_KEY, SAFETENSORS_DTYPE, SINGLE, check_manifest,
                        digests, entry, find_entry, read_header, sha256)
@@ -173,7 +174,7 @@ def _build(path: str, name: str, br: dict[str, Any], tensors: dict[str, torch.Te
         sp = serde._bytes_to_dataclass(serde.ExportedProgram, program)
         _import_output_types(sp)
         ep = serde.ExportedProgramDeserializer().deserialize(sp, state, constants, None)
-        gm = ep.module()
+        gm = InlineAutocast()(ep.module()).graph_module  # as after tracing: torch.compile needs it
     except Exception as e:  # noqa: BLE001 - a program torch cannot rebuild is a format problem here
         raise FormatError(f"{path}: tensor '{name}/program': torch {torch.__version__} cannot deserialize the program "
                           f"(saved with torch {saved_with}): {describe(e)}") from e

@@ -21,12 +21,18 @@ at DiT widths (1024 tokens x 12288 features) their float32 temporaries are 50 MB
 half the matmul's own time again. So the CPU path works in slices whose temporaries stay in cache: activations
 are quantized a block of rows at a time, and the matmul plus its epilogue run a block of output
 columns at a time, written straight into the output in its final dtype. The arithmetic is the
-same element for element, so the result is bit-identical to the unsliced form. On CUDA the whole
-tensor is one slice and `_int_mm`'s shape rules are met by zero padding.
+same element for element, so the result is bit-identical to the unsliced form.
+
+On CUDA the op runs the Triton kernels of ``triton_w8a8`` (row quantization, then an int8 GEMM
+with the rescale, bias and cast in its epilogue) when triton is installed; without triton it
+falls back to the reference below, where the whole tensor is one slice and `_int_mm`'s shape
+rules are met by zero padding. ``reference_linear_w8a8`` is that reference, callable on any device.
 """
 
 from __future__ import annotations
 
+import functools
+from types import ModuleType
 from typing import Optional
 
 import torch
@@ -120,11 +126,35 @@ def _slices(total: int, step: int) -> list[slice]:
     return [slice(i, min(i + step, total)) for i in range(0, total, step)]
 
 
+@functools.cache
+def triton_kernels() -> Optional[ModuleType]:
+    """``fxquant.ops.triton_w8a8``, imported on first use, or None when triton is not installed."""
+    try:
+        from . import triton_w8a8
+    except ImportError:
+        return None
+    return triton_w8a8
+
+
 @torch.library.custom_op("fxquant::linear_w8a8", mutates_args=())
 def linear_w8a8(
     x: Tensor, weight_int8: Tensor, weight_scale: Tensor, bias: Optional[Tensor], smooth: Optional[Tensor]
 ) -> Tensor:
-    """W8A8 linear: per-token dynamic int8 activations, per-channel int8 weights [out, in]."""
+    """W8A8 linear: per-token dynamic int8 activations, per-channel int8 weights [out, in].
+
+    CUDA inputs run the Triton kernels when triton is installed; everything else runs
+    ``reference_linear_w8a8`` (``torch._int_mm``).
+    """
+    kernels = triton_kernels() if x.is_cuda else None
+    if kernels is not None:
+        return kernels.linear_w8a8(x, weight_int8, weight_scale, bias, smooth)
+    return reference_linear_w8a8(x, weight_int8, weight_scale, bias, smooth)
+
+
+def reference_linear_w8a8(
+    x: Tensor, weight_int8: Tensor, weight_scale: Tensor, bias: Optional[Tensor], smooth: Optional[Tensor]
+) -> Tensor:
+    """The ``torch._int_mm`` form of ``linear_w8a8``: the reference, and the path off CUDA."""
     out_features, in_features = weight_int8.shape
     lead = x.shape[:-1]
     x2d = x.reshape(-1, in_features)

@@ -97,7 +97,10 @@ class CollectStats(FxquantPass):
             raise PassError(f"{self.name}: expected a GraphModule from fxquant.trace (torch.export), it has no _in_spec")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        linears = {node: rec.key for node, rec in meta.records(gm)}
+        # Linears observed before (a second run, or a graph already rewritten) keep their statistics.
+        linears = {node: rec.key for node, rec in meta.records(gm) if rec.stats is None}
+        if not linears:
+            return PassResult(gm, False)
         if isinstance(self.calibration, Observed):  # gathered while the model ran: nothing to re-run
             return self._write(gm, linears, self.calibration.stats, self.calibration.calls)
         running = RunningStats(self.name, lambda node: linears[node])

@@ -3,7 +3,8 @@
 A linear whose weight is computed in the graph (``F.linear(x, w * 2)``) gets no record, so no
 pass touches it; its module is listed under ``computed_weight_linears`` in the graph record and
 the summary says so. A module called more than once gets a record per call (``call`` = 0, 1, ...);
-the calls share one weight, which the lowering passes quantize once.
+the calls share one weight, which the lowering passes quantize once. A node that already has a
+record keeps it (running the pass twice changes nothing).
 
     linear(x, get_attr[layers.0.attention.to_q.weight])      (graph unchanged)
         meta["fxquant"] = LinearRecord(name="layers.0.attention.to_q", in_features=..., ...)
@@ -34,10 +35,12 @@ class FindLinears(FxquantPass):
                 raise PassError(f"{self.name}: linear {name!r} has a weight of shape {tuple(w.shape)}, expected 2-D")
             # A module called more than once (DiT's timestep embedder) gets one record per call.
             call = calls[name] = calls.get(name, -1) + 1
+            if meta.get(node) is not None:  # a second run: the record (and what later passes wrote) stays
+                continue
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             meta.put(node, meta.LinearRecord(name=name, in_features=int(w.shape[1]), out_features=int(w.shape[0]),
                                              has_bias=bias is not None, call=call))
-        if not calls:
+        if not calls and not meta.records(gm):
             raise PassError(f"{self.name}: the traced graph has no aten.linear nodes with parameter weights; nothing to quantize"
                             + (f" (linears with computed weights, left as they are: {computed})" if computed else ""))
         g = meta.graph_record(gm)

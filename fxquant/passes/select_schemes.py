@@ -7,7 +7,10 @@ lowering passes carry the decision out and never re-decide.
     first of:  skip rule            -> skipped,   float         (untouched by every pass)
                protect rule         -> protected, protect_scheme
                scheme rule          -> quantize,  the rule's scheme (first match)
-               fragility top-k      -> protected, protect_scheme  (among linears no rule decided)
+               top-k by ranking     -> protected, protect_scheme  (among linears no rule decided;
+                                                              fragility or measured sensitivity, ``by``)
+               float budget         -> protected, protect_scheme  (greedy by sensitivity^2 per byte,
+                                                              `score_sensitivity.choose_within_budget`)
                otherwise            -> quantize,  default
     then, if the scheme's block (256 for Q4_K, 32 for Q8_0) does not divide in_features, the
     misaligned policy: keep_float -> float; q8_0 -> Q8_0 if 32 divides it, else float; by "misaligned".
@@ -27,9 +30,11 @@ import torch.fx as fx
 
 from .. import meta
 from ..errors import RecipeError
-from ..recipe import LayerRule, MisalignedPolicy, Recipe, SchemeRule
+from .. import graph
+from ..recipe import LayerRule, MisalignedPolicy, ProtectBy, Recipe, SchemeRule
 from ..schemes import DecidedBy, Scheme, SelectionKind, info
 from .base import FxquantPass, PassResult, require_records
+from .score_sensitivity import choose_within_budget
 
 
 @dataclass(frozen=True)
@@ -44,11 +49,16 @@ class SelectOptions:
     protect_scheme: Scheme = Scheme.FLOAT
     skip: tuple[LayerRule, ...] = ()
     misaligned: MisalignedPolicy = MisalignedPolicy.KEEP_FLOAT
+    by: ProtectBy = ProtectBy.FRAGILITY
+    budget_fraction: float = 0.0
+    budget_bytes: int = 0
 
     def __post_init__(self) -> None:
         # Validated as a recipe is: the same errors, whichever way the options come in.
         Recipe(default=self.default, rules=self.rules, protect=self.protect, skip=self.skip,
-               protect_scheme=self.protect_scheme, misaligned=self.misaligned)
+               protect_scheme=self.protect_scheme, misaligned=self.misaligned, protect_by=self.by,
+               protect_budget=self.budget_fraction, protect_budget_bytes=self.budget_bytes)
+        object.__setattr__(self, "by", ProtectBy(self.by))
         for key in ("default", "protect_scheme"):
             object.__setattr__(self, key, Scheme(getattr(self, key)))
         object.__setattr__(self, "misaligned", MisalignedPolicy(self.misaligned))
@@ -58,7 +68,12 @@ class SelectOptions:
     @staticmethod
     def of(recipe: Recipe) -> "SelectOptions":
         return SelectOptions(recipe.default, recipe.rules, recipe.protect_top_k, recipe.protect_reference_linears,
-                             recipe.protect, recipe.protect_scheme, recipe.skip, recipe.misaligned)
+                             recipe.protect, recipe.protect_scheme, recipe.skip, recipe.misaligned,
+                             recipe.protect_by, recipe.protect_budget, recipe.protect_budget_bytes)
+
+    @property
+    def has_budget(self) -> bool:
+        return self.budget_fraction > 0 or self.budget_bytes > 0
 
 
 def effective_top_k(top_k: int, num_linears: int, reference: int) -> int:
@@ -109,7 +124,10 @@ class SelectSchemes(FxquantPass):
 
     def requires(self, gm: fx.GraphModule) -> None:
         require_records(gm, self.name)
-        if self.options.top_k > 0:
+        o = self.options
+        if o.by is ProtectBy.SENSITIVITY and (o.top_k > 0 or o.has_budget):
+            require_records(gm, self.name, "sensitivity", before="score_sensitivity (the recipe protects by sensitivity)")
+        elif o.top_k > 0:
             require_records(gm, self.name, "fragility", before="collect_stats and score_fragility (the recipe has protect_top_k > 0)")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
@@ -125,15 +143,21 @@ class SelectSchemes(FxquantPass):
         by_rule = {rec.name: self._by_rule(rec.name) for _, rec in recs}
         k = effective_top_k(o.top_k, len(recs), o.reference_linears)
         # Top-k counts only linears no rule has decided: "k plus the patterns", as the paper's recipe.
-        candidates = sorted((rec.fragility.rank, rec.name) for _, rec in recs
-                            if by_rule[rec.name] is None and rec.fragility is not None)
+        by = o.by.value  # the record field holding the ranking: fragility or sensitivity
+        candidates = sorted((getattr(rec, by).rank, rec.name) for _, rec in recs
+                            if by_rule[rec.name] is None and getattr(rec, by) is not None)
         top = {name for _, name in candidates[:k]}
+        chosen: dict[fx.Node, Optional[meta.Selection]] = {}
         for node, rec in recs:
             sel = by_rule[rec.name]
             if sel is None and rec.name in top:
                 sel = meta.Selection(SelectionKind.PROTECTED, o.protect_scheme,
-                                     f"fragility rank {rec.fragility.rank} of {len(recs)} (top {k})", DecidedBy.TOP_K)
-            sel = fit_block(sel or meta.Selection(SelectionKind.QUANTIZE, o.default), rec.in_features, o.misaligned)
+                                     f"{by} rank {getattr(rec, by).rank} of {len(recs)} (top {k})", DecidedBy.TOP_K)
+            chosen[node] = sel
+        if o.has_budget:
+            chosen.update(budget_selection(gm, recs, chosen, o))
+        for node, rec in recs:
+            sel = fit_block(chosen[node] or meta.Selection(SelectionKind.QUANTIZE, o.default), rec.in_features, o.misaligned)
             meta.update(node, selection=sel)
         return PassResult(gm, False)  # metadata only: the graph is unchanged
 
@@ -150,3 +174,17 @@ class SelectSchemes(FxquantPass):
             if rule.matches(name):
                 return meta.Selection(SelectionKind.QUANTIZE, rule.scheme, f"matches scheme rule {rule.match!r}", DecidedBy.RULE)
         return None
+
+
+def budget_selection(gm: fx.GraphModule, recs, chosen: dict, o: SelectOptions) -> dict:
+    """Selections the float budget adds: greedy by sensitivity**2 per float byte, after what rules
+    and top-k already keep off the default scheme (their bytes count against the budget)."""
+    size = {n: graph.weight(gm, n).numel() * graph.weight(gm, n).element_size() for n, _ in recs}
+    caps = [c for c in (round(o.budget_fraction * sum(size.values())) if o.budget_fraction > 0 else 0, o.budget_bytes) if c > 0]
+    left = min(caps) - sum(size[n] for n, _ in recs if chosen[n] is not None and chosen[n].kind is SelectionKind.PROTECTED)
+    free = {r.key: (n, r) for n, r in recs if chosen[n] is None and r.sensitivity is not None}
+    picked = choose_within_budget([(key, r.sensitivity.error ** 2, size[n]) for key, (n, r) in free.items()], left)
+    return {free[key][0]: meta.Selection(
+        SelectionKind.PROTECTED, o.protect_scheme,
+        f"sensitivity {free[key][1].sensitivity.error:.3g} (rank {free[key][1].sensitivity.rank}), within the "
+        f"float budget of {min(caps)} bytes", DecidedBy.BUDGET) for key in picked}

@@ -501,7 +501,7 @@ def test_pipeline_passes_the_recipe_alpha_and_calibration():
     from fxquant import pipeline
 
     calib = [_inputs(TwoLinears())]
-    recipe = fxquant.Recipe.preset("int8-w8a8").replace(alpha=0.6, alpha_search=(0.3, 0.6))
+    recipe = fxquant.Recipe.preset("int8-w8a8-paper").replace(alpha=0.6, alpha_search=(0.3, 0.6))
     fold = [p for p in pipeline.build(recipe, calib).passes if isinstance(p, FoldSmoothing)]
     assert len(fold) == 1 and fold[0].options.alpha == 0.6 and fold[0].options.alpha_search == (0.3, 0.6)
     assert fold[0].calibration is calib

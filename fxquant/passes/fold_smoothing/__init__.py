@@ -32,7 +32,8 @@ weights (a fold only writes upstream of the group it serves).
 Group policy: only linears whose selected scheme quantizes activations (w8a8) decide s (their
 weights and statistics). Any other member of a folded group (float, or weight-only q8_0 / q4_k)
 gets the compensating columns too (exact in float); a group with a skipped member is never
-folded (skipped means untouched), its w8a8 members fall back to fused. ``alpha_search`` picks, per group, the alpha minimising the simulated W8A8
+folded (skipped means untouched), its w8a8 members fall back to fused. A linear that already has a ``smoothing`` record is declined, so a second run
+changes nothing. ``alpha_search`` picks, per group, the alpha minimising the simulated W8A8
 output error on calibration activations (`fxquant.ops` quantizers).
 """
 
@@ -118,7 +119,8 @@ class FoldSmoothing(FxquantPass):
                             "observe with search_tokens > 0 (e.g. observe(module, search_tokens=512))")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        recs = dict(meta.records(gm))
+        # Linears that already have a smoothing record (a second run) or were lowered are declined.
+        recs = {n: r for n, r in meta.records(gm) if r.smoothing is None and graph.is_linear(n)}
         groups: dict[fx.Node, list[fx.Node]] = {}
         for node in recs:
             groups.setdefault(node.args[0], []).append(node)

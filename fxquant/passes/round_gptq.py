@@ -1,0 +1,183 @@
+"""round_gptq: GPTQ rounding for the int8 weights ``lower_w8a8`` will make (new weight constants only).
+
+    before:  y = aten.linear(x, get_attr[l.weight])     W, float
+    after:   y = aten.linear(x, get_attr[l.weight])     W' = q * s, float, same graph
+
+``s`` is the per-output-channel scale the lowering computes anyway (``max_k |W[o, k]| / 127``,
+`fxquant.ops.w8a8.quantize_weight_per_channel`); only the rounding changes. The codes ``q`` come
+from GPTQ (Frantar et al., 2023): columns in decreasing order of the calibration Hessian's
+diagonal ("act order"), each column rounded and its error spread over the columns not yet
+rounded through the inverse Hessian ``H = X^T X + damp * mean(diag H) * I`` of the linear's input
+``X`` on the calibration inputs (after smoothing: the pass runs after ``fold_smoothing``).
+
+How the codes reach the lowering exactly: the lowering stays the only rewriter into
+``fxquant::linear_w8a8`` and re-quantizes ``W'`` with round-to-nearest. Each row's scale is pinned
+by its largest element: the code at the row's max-|W| position is forced to its RTN code (+-127;
+GPTQ compensates that choice like any other), and every element with code +-127 is stored as the
+row's original max |W| itself, so ``max_k |W'[o, k]|`` and therefore ``s`` are bit-identical to the
+RTN scale. Every other element is ``fl(q * s)`` with ``|q| <= 126``, whose relative rounding error
+(at most 2^-8 in bfloat16) moves ``q`` by less than 0.5: RTN gives back exactly ``q``. The pass
+checks it per weight (``PassError`` otherwise).
+
+Memory: one Hessian per distinct input (q/k/v share one), ``in_features^2`` float32 each
+(12288^2 = 600 MB for Ideogram 4's w2). Inputs are processed in chunks whose Hessians fit
+``hessian_bytes``; each chunk costs one forward pass per calibration input, and its Hessians are
+freed before the next chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..observe import Observed
+from .. import graph, meta
+from ..errors import CalibrationError, PassError
+from ..ops.w8a8 import INT8_MAX, quantize_weight_per_channel
+from ..schemes import Scheme
+from .base import FxquantPass, PassResult, require_records
+
+log = logging.getLogger("fxquant")
+
+
+def gptq_codes(w: torch.Tensor, h: torch.Tensor, damp: float = 0.01, block: int = 128) -> torch.Tensor:
+    """int8 codes of ``w`` [out, in] on the RTN per-row scale, GPTQ-rounded against Hessian ``h`` [in, in].
+
+    The code at each row's max-|w| position is its RTN code (pins the scale, see module doc).
+    """
+    w = w.detach().float()
+    q_rtn, scale = quantize_weight_per_channel(w)
+    h = h.detach().float().clone()
+    dead = torch.diagonal(h) <= 0
+    h[dead, dead] = 1.0
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+    inv = torch.argsort(perm)
+    wp, hp = w[:, perm].clone(), h[perm][:, perm]
+    hp += damp * torch.diagonal(hp).mean() * torch.eye(hp.shape[0], dtype=hp.dtype, device=hp.device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hp)), upper=True)
+    pin_col = inv[w.abs().argmax(1)]  # each row's max-|w| column, in permuted order
+    pin_code = q_rtn.gather(1, w.abs().argmax(1, keepdim=True)).squeeze(1).float()
+    rows = torch.arange(w.shape[0], device=w.device)
+    codes = torch.zeros_like(wp)
+    n = wp.shape[1]
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        w1, err = wp[:, i1:i2].clone(), torch.zeros(wp.shape[0], i2 - i1, device=w.device)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            q = torch.round(col / scale).clamp(-INT8_MAX, INT8_MAX)
+            pinned = pin_col == i1 + i
+            q[pinned] = pin_code[rows[pinned]]
+            codes[:, i1 + i] = q
+            e = (col - q * scale) / h1[i, i]
+            w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
+            err[:, i] = e
+        wp[:, i2:] -= err @ hinv[i1:i2, i2:]
+    return codes[:, inv].to(torch.int8)
+
+
+def pinned_weight(w: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``codes * s`` in ``w``'s dtype, with code +-127 stored as the row's max |w| (see module doc)."""
+    wf = w.detach().float()
+    _, scale = quantize_weight_per_channel(wf)
+    amax = w.detach().abs().amax(1, keepdim=True).float()
+    c = codes.float()
+    return torch.where(c.abs() == INT8_MAX, torch.sign(c) * amax, c * scale[:, None]).to(w.dtype)
+
+
+class RoundGPTQ(FxquantPass):
+    """Replace the float weight of every linear selected W8A8 by its pinned GPTQ weight (module doc).
+
+    Args:
+        calibration: the example inputs (as given to ``compile``).
+        damp: Hessian damping, a fraction of the mean diagonal (> 0).
+        hessian_bytes: memory for the Hessians held at once (float32 ``in^2`` per distinct input).
+
+    Raises:
+        PassError: no ``selection`` (run select_schemes first), a lowering already ran, or the
+            pinned weight does not give back the GPTQ codes.
+        CalibrationError: no calibration inputs.
+    """
+
+    name = "round_gptq"
+
+    def __init__(self, calibration: Optional[Sequence[Any]], damp: float = 0.01, hessian_bytes: int = 2 << 30) -> None:
+        if not calibration:
+            raise CalibrationError(f"{self.name}: needs at least one calibration input, got {calibration!r}")
+        if isinstance(calibration, Observed):  # one example and statistics: no inputs for Hessians
+            raise CalibrationError(f"{self.name}: GPTQ needs the calibration inputs (it accumulates X^T X); "
+                                   "fxquant.observe keeps statistics only, so record the inputs with record_inputs")
+        if not damp > 0:
+            raise PassError(f"{self.name}: damp must be > 0, got {damp!r}")
+        self.calibration, self.damp, self.hessian_bytes = calibration, float(damp), int(hessian_bytes)
+        self.forwards, self.seconds = 0, 0.0
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        require_records(gm, self.name, "selection", before="select_schemes")
+        done = [r.name for _, r in meta.records(gm) if r.lowering is not None]
+        if done:
+            raise PassError(f"{self.name}: linear {done[0]!r} is already lowered; GPTQ must run before lower_w8a8")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        t0 = time.perf_counter()
+        users: dict[str, list[fx.Node]] = {}  # weight target -> the quantized linear nodes reading it
+        for node, rec in meta.records(gm):
+            if rec.selection.scheme is Scheme.W8A8:
+                users.setdefault(str(graph.param_root(node.args[1]).target), []).append(node)
+        if not users:
+            return PassResult(gm, False)
+        self.forwards, modified = 0, False
+        for chunk in self._chunks(users):
+            hess = self._hessians(gm, {x for t in chunk for n in users[t] for x in [n.args[0]]})
+            for target in chunk:
+                w = graph.weight(gm, users[target][0])  # with fold_smoothing's column scaling
+                h = sum(hess[n.args[0]] for n in users[target])
+                codes = gptq_codes(w, h.to(w.device), self.damp)
+                new = pinned_weight(w, codes)
+                got, _ = quantize_weight_per_channel(new)
+                if not torch.equal(got, codes):
+                    raise PassError(f"{self.name}: {target}: the pinned weight does not give back the GPTQ codes")
+                if not torch.equal(new, w):  # a second run finds the codes already there: no change
+                    for n in users[target]:
+                        graph.set_weight(gm, n, new)
+                    modified = True
+            del hess
+        self.seconds = time.perf_counter() - t0
+        log.info("%s: %d weights, %d forward passes in %.1f s", self.name, len(users), self.forwards, self.seconds)
+        return PassResult(gm, modified)
+
+    def _chunks(self, users: dict[str, list[fx.Node]]) -> list[list[str]]:
+        """Weight targets grouped so that the Hessians of their distinct inputs fit ``hessian_bytes``
+        (a weight whose own inputs exceed it gets a chunk alone)."""
+        width = {n.args[0]: meta.get(n).in_features for nodes in users.values() for n in nodes}
+        chunks: list[list[str]] = [[]]
+        held: set[fx.Node] = set()
+        for target, nodes in users.items():
+            xs = {n.args[0] for n in nodes}
+            if chunks[-1] and sum(4 * width[x] ** 2 for x in held | xs) > self.hessian_bytes:
+                chunks.append([])
+                held = set()
+            chunks[-1].append(target)
+            held |= xs
+        return chunks
+
+    def _hessians(self, gm: fx.GraphModule, inputs: set[fx.Node]) -> dict[fx.Node, torch.Tensor]:
+        """X^T X of each input node over every calibration input (one forward each)."""
+        hess: dict[fx.Node, torch.Tensor] = {}
+
+        def add(x_node: fx.Node, x: torch.Tensor) -> None:
+            x2d = x.detach().reshape(-1, x.shape[-1]).float()
+            hess[x_node] = hess[x_node] + x2d.T @ x2d if x_node in hess else x2d.T @ x2d
+
+        watch = graph.Watch(gm, inputs, add)
+        for i, ex in enumerate(self.calibration):
+            with torch.no_grad():
+                watch.run(*graph.graph_inputs(gm, ex, f"calibration[{i}]", self.name))
+            self.forwards += 1
+        return hess
+

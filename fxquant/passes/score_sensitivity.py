@@ -1,0 +1,210 @@
+"""score_sensitivity: measure what each linear's quantization does to the model's output (no rewrite).
+
+    for each linear l:   y_l = graph(x) with l alone running as fxquant::linear_w8a8
+                         (the lowered op itself: per-channel int8 weights, per-token int8
+                         activations, l's own SmoothQuant vector when ``alpha`` is given)
+        -> meta["fxquant"].sensitivity = Sensitivity(error=||y_l - y|| / ||y||, rank, local)
+
+``error`` is pooled over every floating-point output tensor of the sampled calibration inputs
+(as the protection ladder measures). ``local`` is a one-forward proxy, the relative error of the
+linear's own output ``||W8A8(x, W) - x W^T|| / ||x W^T||``, computed during the reference run.
+
+Cost, stated: ``1 + L`` forward passes for ``L`` linears, each on a batch of ``samples``
+calibration inputs (spread evenly over the trajectory, so the timesteps are stratified)
+concatenated along dim 0 when their shapes allow, otherwise one pass per input. Nothing is
+stored but the reference outputs. For Ideogram 4 (279 linears) with ``samples=2``: 280 batch-2
+forwards, about 280 float forwards' worth of work at twice the batch.
+
+Selection by budget (`choose_within_budget`): errors of independently quantized linears add
+roughly in energy (``error**2``), so keeping linear l in float removes about ``error_l**2`` for
+``bytes_l`` of float weights; the greedy choice takes the best ratio first while it fits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+
+from .. import graph, meta
+from ..errors import CalibrationError, PassError
+from ..ops.w8a8 import quantize_weight_per_channel
+from .base import FxquantPass, PassResult, require_records
+from .fold_smoothing.smoothing import smoothing_vector
+from .score_fragility import ranking
+
+log = logging.getLogger("fxquant")
+W8A8 = torch.ops.fxquant.linear_w8a8.default
+
+
+def choose_within_budget(items: Sequence[tuple[str, float, int]], budget: int) -> list[str]:
+    """Greedy knapsack: ``(name, gain, cost)`` items by gain per cost, taken while they fit.
+
+    Items with no gain are never taken; ties go to the name (deterministic).
+
+    Example:
+        >>> choose_within_budget([("a", 4.0, 4), ("b", 3.0, 1), ("c", 0.0, 1)], 4)
+        ['b']
+    """
+    order = sorted((it for it in items if it[1] > 0), key=lambda it: (-it[1] / max(it[2], 1), it[0]))
+    chosen, used = [], 0
+    for name, _, cost in order:
+        if used + cost <= budget:
+            chosen.append(name)
+            used += cost
+    return chosen
+
+
+def spread(n: int, k: int) -> list[int]:
+    """``k`` indices spread evenly over ``range(n)`` (first and last included)."""
+    if k >= n:
+        return list(range(n))
+    if k == 1:
+        return [n // 2]
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def batched(flats: list[list[Any]]) -> list[list[Any]]:
+    """Concatenate graph inputs along dim 0 when every tensor of every input has the same batch
+    size in dim 0 and the same trailing shape across inputs; otherwise keep them apart."""
+    if len(flats) < 2:
+        return flats
+    for flat in flats:
+        sizes = {v.shape[0] if v.ndim else None for v in flat if isinstance(v, torch.Tensor)}
+        if len(sizes) != 1 or None in sizes:
+            return flats
+    cols = list(zip(*flats))
+    for col in cols:
+        tensors = [v for v in col if isinstance(v, torch.Tensor)]
+        if tensors and (len(tensors) != len(col) or len({tuple(t.shape[1:]) for t in tensors}) != 1):
+            return flats
+        if not tensors and any(v != col[0] for v in col):
+            return flats
+    return [[torch.cat(col) if isinstance(col[0], torch.Tensor) else col[0] for col in cols]]
+
+
+class _OneQuantized(fx.Interpreter):
+    """Runs the graph with one linear node replaced by the W8A8 op on given int8 weights."""
+
+    def __init__(self, gm: fx.GraphModule, node: fx.Node, q: torch.Tensor, scale: torch.Tensor,
+                 smooth: Optional[torch.Tensor]) -> None:
+        super().__init__(gm)
+        self.node, self.q, self.scale, self.smooth = node, q, scale, smooth
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n is not self.node:
+            return super().run_node(n)
+        args, _ = self.fetch_args_kwargs_from_env(n)
+        bias = args[2] if len(args) > 2 else None
+        return W8A8(args[0], self.q, self.scale, bias, self.smooth)
+
+
+def _leaves(out: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+class ScoreSensitivity(FxquantPass):
+    """Attach `meta.Sensitivity` to every linear (see the module docstring).
+
+    Args:
+        calibration: the example inputs (as given to ``compile``).
+        samples: how many of them to use (spread evenly over the sequence), >= 1.
+        alpha: simulate each linear with its own SmoothQuant vector at this alpha (the recipe's,
+            when it smooths); None for plain W8A8.
+
+    Raises:
+        PassError: no records, or ``alpha`` set and a linear without ``stats.channel_max_abs``.
+        CalibrationError: no calibration inputs, or inputs the graph cannot take.
+    """
+
+    name = "score_sensitivity"
+
+    def __init__(self, calibration: Optional[Sequence[Any]], samples: int = 2, alpha: Optional[float] = None) -> None:
+        if not calibration:
+            raise CalibrationError(f"{self.name}: needs at least one calibration input, got {calibration!r}")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise PassError(f"{self.name}: samples must be an integer >= 1, got {samples!r}")
+        self.calibration, self.samples, self.alpha = calibration, samples, alpha
+        self.forwards = 0  # forward passes the last call ran (batched inputs count once)
+        self.seconds = 0.0
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        require_records(gm, self.name)
+        if self.alpha is not None:
+            require_records(gm, self.name, "stats", before="collect_stats (smoothing is simulated)")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        t0 = time.perf_counter()
+        self._cache: dict[fx.Node, tuple] = {}
+        recs = meta.records(gm)
+        idx = spread(len(self.calibration), self.samples)
+        inputs = batched([graph.graph_inputs(gm, self.calibration[i], f"calibration[{i}]", self.name) for i in idx])
+        refs, local = self._reference(gm, recs, inputs)
+        ref_sq = sum(float(r.double().pow(2).sum()) for out in refs for r in out)
+        errors = []
+        for node, rec in recs:
+            q, scale, smooth = self._quantized(gm, node, rec)
+            interp = _OneQuantized(gm, node, q, scale, smooth)
+            err_sq = 0.0
+            for flat, ref in zip(inputs, refs):
+                with torch.no_grad():
+                    out = _leaves(interp.run(*flat))
+                err_sq += sum(float((o.double() - r.double()).pow(2).sum()) for o, r in zip(out, ref))
+            errors.append(math.sqrt(err_sq / max(ref_sq, 1e-300)))
+        self.forwards = len(inputs) * (1 + len(recs))
+        ranks = ranking([r.key for _, r in recs], errors)
+        for (node, _), err, rank in zip(recs, errors, ranks):
+            meta.update(node, sensitivity=meta.Sensitivity(err, rank, local[node]))
+        self.seconds = time.perf_counter() - t0
+        self._cache = {}
+        log.info("%s: %d linears, %d forward passes (%d input(s) in %d batch(es)) in %.1f s", self.name, len(recs),
+                 self.forwards, len(idx), len(inputs), self.seconds)
+        return PassResult(gm, False)
+
+    def _quantized(self, gm: fx.GraphModule, node: fx.Node, rec: meta.LinearRecord):
+        """The int8 weight, its scale and the activation multiplier the lowering would use (cached per call)."""
+        if node not in self._cache:
+            self._cache[node] = self._quantize(gm, node, rec)
+        return self._cache[node]
+
+    def _quantize(self, gm: fx.GraphModule, node: fx.Node, rec: meta.LinearRecord):
+        w = graph.weight(gm, node).detach().float()
+        if self.alpha is None:
+            return (*quantize_weight_per_channel(w), None)
+        act = rec.stats.channel_max_abs if rec.stats is not None else None
+        if act is None or tuple(act.shape) != (rec.in_features,):
+            raise PassError(f"{self.name}: linear {rec.name!r} has no per-channel activation max "
+                            "(stats.channel_max_abs); run collect_stats first")
+        s = smoothing_vector(act.float().to(w.device), w.abs().amax(0), self.alpha, rec.name)
+        return (*quantize_weight_per_channel(w * s[None, :]), 1.0 / s)
+
+    def _reference(self, gm, recs, inputs):
+        """Float outputs per batch, and each linear's local relative error (one forward per batch)."""
+        nodes = {node: rec for node, rec in recs}
+        err = {n: 0.0 for n in nodes}
+        size = {n: 0.0 for n in nodes}
+        readers: dict[fx.Node, list[fx.Node]] = {}
+        for node in nodes:
+            readers.setdefault(node.args[0], []).append(node)
+
+        def observe(x_node: fx.Node, x: torch.Tensor) -> None:
+            for n in readers[x_node]:
+                q, scale, smooth = self._quantized(gm, n, nodes[n])
+                bn = n.args[2] if len(n.args) > 2 else None
+                b = graph.get_attr(gm, str(bn.target)) if isinstance(bn, fx.Node) and bn.op == "get_attr" else None
+                y = F.linear(x, graph.weight(gm, n), b).double()
+                err[n] += float((W8A8(x, q, scale, b, smooth).double() - y).pow(2).sum())
+                size[n] += float(y.pow(2).sum())
+
+        watch = graph.Watch(gm, set(readers), observe)
+        refs = []
+        for flat in inputs:
+            with torch.no_grad():
+                refs.append(_leaves(watch.run(*flat)))
+        return refs, {n: math.sqrt(err[n] / max(size[n], 1e-300)) for n in nodes}
