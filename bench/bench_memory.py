@@ -6,7 +6,9 @@
 Each configuration runs in a fresh subprocess (peak RSS is a per-process number): build a seeded
 `Ideogram4Transformer2DModel` with `fxquant.models.IDEOGRAM4_FULL` widths (hidden 4608, SwiGLU
 12288, LLM features 53248) and ``--layers`` blocks directly in bfloat16, make ``--items``
-calibration inputs of ``--tokens`` tokens (batch 1), then call the real ``fxquant.compile``.
+calibration inputs of ``--tokens`` tokens (batch 1), then call the real ``fxquant.compile``
+(top-k protection ranked by fragility unless ``--protect-by`` says otherwise: ranking by
+sensitivity runs 1 + L forwards of the model, which is time, not a different memory pattern).
 A sampling thread reads the process RSS every millisecond; the phase it is charged to is the pass
 running (each pass's ``__call__`` is wrapped to name itself):
 
@@ -116,7 +118,10 @@ def child(args: argparse.Namespace) -> dict:
     FxquantPass.__call__ = named_call
     sampler.enter("trace")
     t0 = time.perf_counter()
-    gm = fxquant.compile(model, args.recipe, calibration=calib, consume=args.mode == "consume")
+    recipe = fxquant.Recipe.preset(args.recipe)
+    if args.protect_by and recipe.protect_top_k:
+        recipe = recipe.replace(protect_by=args.protect_by)
+    gm = fxquant.compile(model, recipe, calibration=calib, consume=args.mode == "consume")
     t_compile = time.perf_counter() - t0
     sampler.enter("done")
     time.sleep(0.01)
@@ -127,7 +132,7 @@ def child(args: argparse.Namespace) -> dict:
     counts = fxquant.summary(gm).counts()
     peaks = {k: v - base for k, v in sampler.peaks.items()}
     compile_peak = max(peaks.get(p, 0) for p in ("trace", "stats", "smoothing", "lowering"))
-    return dict(layers=args.layers, recipe=args.recipe, mode=args.mode, tokens=args.tokens, items=args.items,
+    return dict(layers=args.layers, recipe=args.recipe, protect_by=str(getattr(recipe.protect_by, "value", "")), mode=args.mode, tokens=args.tokens, items=args.items,
                 params=nparams, input_bytes=input_bytes, output_bytes=output_bytes, baseline_rss=base,
                 peaks=peaks, compile_peak=compile_peak, build_s=t_build, compile_s=t_compile,
                 s_per_billion=t_compile / (nparams / 1e9), counts=counts, loadavg=os.getloadavg())
@@ -186,6 +191,8 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["shared", "consume"], choices=["shared", "consume"])
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--items", type=int, default=4)
+    ap.add_argument("--protect-by", default="fragility", help="ranking for top-k protection ('' keeps the preset's; "
+                    "sensitivity costs 1 + L forwards, too slow for a shared machine at these widths)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--recipe", default="int8-w8a8", help=argparse.SUPPRESS)
@@ -200,7 +207,7 @@ def main() -> None:
         for recipe in args.recipes:
             for mode in args.modes:
                 cmd = [sys.executable, __file__, "--child", "--layers", str(layers), "--recipe", recipe, "--mode", mode,
-                       "--tokens", str(args.tokens), "--items", str(args.items)]
+                       "--tokens", str(args.tokens), "--items", str(args.items), "--protect-by", args.protect_by]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True)
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(f"  measured {layers} layers {recipe} {mode}: peak {rows[-1]['compile_peak'] / 1e9:.2f} GB", file=sys.stderr)

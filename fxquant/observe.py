@@ -12,7 +12,9 @@ inputs through the traced graph computes the same statistics (tested bit for bit
 ``compile(..., calibration=cal)`` uses these instead of re-running anything.
 
 What is kept (the memory bound, see docs/memory.md):
-    the tracing example        the first call's arguments, cloned to the CPU (one call)
+    a few calls' arguments     ``keep_inputs`` (default 2, at least 1) calls cloned to the CPU,
+                               spread over the run; the first is the tracing example, the
+                               others feed passes that re-run the model (sensitivity ranking)
     running statistics         per linear: in_features float32 channel maxima, plus a few
                                floats per linear and distinct timestep
     a bounded sample           only with ``search_tokens > 0`` (SmoothQuant's alpha search):
@@ -29,7 +31,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from .calibrate import _to_cpu, bind_arguments, timestep_of
+from .calibrate import Recorder, timestep_of
 from .errors import CalibrationError
 from .stats import RunningStats
 
@@ -37,14 +39,16 @@ SAMPLE_CALLS = 8  # calls a sample is spread over before it thins out (see `Obse
 
 
 class Observed(Sequence):
-    """What `observe` gathered: usable as ``calibration=`` (a one-item sequence: the tracing
-    example), with ``stats`` (`RunningStats` keyed by linear record key), ``calls``,
-    ``timesteps`` (one per call) and ``samples`` (key -> rows, only with ``search_tokens``)."""
+    """What `observe` gathered: usable as ``calibration=``. As a sequence it holds the few kept
+    calls (``keep_inputs``; the first is the tracing example), with ``stats`` (`RunningStats`
+    keyed by linear record key), ``calls``, ``timesteps`` (one per call) and ``samples`` (key ->
+    rows, only with ``search_tokens``)."""
 
-    def __init__(self, module: torch.nn.Module, search_tokens: int) -> None:
+    def __init__(self, module: torch.nn.Module, search_tokens: int, keep_inputs: int = 2) -> None:
         self._module = module
         self.search_tokens = search_tokens
-        self.example: Any = None
+        # The kept calls, thinned evenly as record_inputs thins (call 0 is always among them).
+        self.inputs = Recorder(module, max(1, keep_inputs), max_bytes=1 << 62)
         self.calls = 0
         self.timesteps: list[Optional[float]] = []
         self.stats = RunningStats("observe")
@@ -56,13 +60,18 @@ class Observed(Sequence):
         self._keep = False
 
     def __len__(self) -> int:
-        return 0 if self.example is None else 1
+        return len(self.inputs)
 
     def __getitem__(self, i: Any) -> Any:
-        return [self.example][i] if self.example is not None else [][i]
+        return self.inputs[i]
 
     def __iter__(self) -> Iterator[Any]:
-        return iter([self.example] if self.example is not None else [])
+        return iter(self.inputs)
+
+    @property
+    def example(self) -> Any:
+        """The tracing example: the first call's arguments."""
+        return self.inputs[0] if len(self.inputs) else None
 
     def __repr__(self) -> str:
         return f"Observed({self.calls} calls, {len(self.stats.channel)} linears, {self.nbytes() / 2**20:.1f} MiB kept)"
@@ -75,7 +84,7 @@ class Observed(Sequence):
     def nbytes(self) -> int:
         """Bytes held: the example, the statistics and the samples (shared samples once)."""
         tensors = {id(t): t for rows in self.samples.values() for t in rows}
-        example = [t for t in torch.utils._pytree.tree_leaves(self.example) if isinstance(t, torch.Tensor)]
+        example = [t for t in torch.utils._pytree.tree_leaves(list(self.inputs)) if isinstance(t, torch.Tensor)]
         return (sum(t.numel() * t.element_size() for t in list(tensors.values()) + example) + self.stats.nbytes())
 
     # ------------------------------------------------------------ hooks
@@ -86,12 +95,7 @@ class Observed(Sequence):
         where = f"observe({type(module).__name__}) call {i}"
         t = timestep_of(module.forward, args, kwargs, where)
         self.timesteps.append(t)
-        if self.example is None:
-            named = bind_arguments(module.forward, args, kwargs)
-            if named is None and kwargs:
-                raise CalibrationError(f"{where}: forward takes *args and was called with keyword arguments too; "
-                                       "the tracing example is either positional or keyword arguments")
-            self.example = _to_cpu(tuple(args) if named is None else named)
+        self.inputs._hook(module, args, kwargs)
         self.stats.begin(i, t)
         self._seen, self._last = {}, ()
         self._keep = self.search_tokens > 0 and self._sample_call(i)
@@ -134,6 +138,10 @@ class observe:  # noqa: N801 - used as a context manager, reads like a function
             and its ``nn.Linear`` submodules, removed on exit.
         search_tokens: input rows kept per linear input for SmoothQuant's alpha search (0: none;
             only recipes with ``alpha_search`` need them).
+        keep_inputs: calls whose arguments are kept, spread evenly over the run (as
+            `record_inputs` keeps them), for passes that must re-run the model: protection by
+            sensitivity measures output error on them (``sensitivity_samples`` of them). At least
+            the first call is always kept: it is the tracing example.
 
     Returns (on ``__enter__``):
         An `Observed`, usable as ``compile(..., calibration=...)`` once the block has run.
@@ -149,12 +157,13 @@ class observe:  # noqa: N801 - used as a context manager, reads like a function
         >>> gm = fxquant.compile(model, "int8-w8a8", calibration=cal)  # doctest: +SKIP
     """
 
-    def __init__(self, module: torch.nn.Module, search_tokens: int = 0) -> None:
+    def __init__(self, module: torch.nn.Module, search_tokens: int = 0, keep_inputs: int = 2) -> None:
         if not isinstance(module, torch.nn.Module):
             raise CalibrationError(f"observe: expected an nn.Module, got {type(module).__name__}")
-        if isinstance(search_tokens, bool) or not isinstance(search_tokens, int) or search_tokens < 0:
-            raise CalibrationError(f"observe: search_tokens must be an integer >= 0, got {search_tokens!r}")
-        self.observed = Observed(module, search_tokens)
+        for name, v in (("search_tokens", search_tokens), ("keep_inputs", keep_inputs)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise CalibrationError(f"observe: {name} must be an integer >= 0, got {v!r}")
+        self.observed = Observed(module, search_tokens, keep_inputs)
         self._handles: list[Any] = []
 
     def __enter__(self) -> Observed:

@@ -37,7 +37,9 @@ def test_hooks_on_the_real_module_give_collect_stats_exactly(model_and_items):
     model, items = model_and_items
     with fxquant.observe(model) as cal:
         _run(model, items)
-    assert cal.calls == 4 and len(cal) == 1 and cal.samples == {}
+    assert cal.calls == 4 and cal.samples == {}
+    assert len(cal) == 2 and cal.inputs.call_indices == [0, 2]  # keep_inputs=2: spread as record_inputs spreads
+    assert torch.equal(cal[0]["hidden_states"], items[0]["hidden_states"])  # the tracing example
     from_graph = CollectStats(items)(FindLinears()(trace(model, items[0])).graph_module).graph_module
     from_hooks = CollectStats(cal)(FindLinears()(trace(model, cal[0])).graph_module).graph_module
     a, b = _stats(from_graph), _stats(from_hooks)
@@ -54,13 +56,18 @@ def test_compile_from_observed_equals_compile_from_inputs(model_and_items):
     with fxquant.observe(model) as cal:
         _run(model, items)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    gm_items = fxquant.compile(model, "int8-w8a8", calibration=items)
-    gm_cal = fxquant.compile(model, "int8-w8a8", calibration=cal)
+    # Fragility ranking: from statistics alone, so both routes must agree exactly.
+    recipe = fxquant.Recipe.preset("int8-w8a8").replace(protect_by="fragility")
+    gm_items = fxquant.compile(model, recipe, calibration=items)
+    gm_cal = fxquant.compile(model, recipe, calibration=cal)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not model._forward_pre_hooks and not any(m._forward_pre_hooks for m in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(gm_cal(**items[1]), gm_items(**items[1]), rtol=0, atol=0)
     assert [str(r) for r in fxquant.summary(gm_cal).rows] == [str(r) for r in fxquant.summary(gm_items).rows]
+    # Sensitivity ranking (the preset's) re-runs the model on the few kept calls.
+    gm_sens = fxquant.compile(model, "int8-w8a8", calibration=cal)
+    assert {r.kind for r in fxquant.summary(gm_sens).rows} >= {"quantize", "protected"}
 
 
 def test_sample_is_bounded_spread_and_shared_by_readers_of_one_tensor(model_and_items):

@@ -32,7 +32,6 @@ import torch.fx as fx
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from ..observe import Observed
 from .. import graph, meta
 from ..errors import CalibrationError, PassError
 from ..ops.w8a8 import quantize_weight_per_channel
@@ -129,10 +128,6 @@ class ScoreSensitivity(FxquantPass):
     def __init__(self, calibration: Optional[Sequence[Any]], samples: int = 2, alpha: Optional[float] = None) -> None:
         if not calibration:
             raise CalibrationError(f"{self.name}: needs at least one calibration input, got {calibration!r}")
-        if isinstance(calibration, Observed):  # statistics and one example: nothing to re-run
-            raise CalibrationError(f"{self.name}: protection by sensitivity re-runs the model on calibration "
-                                   "inputs; fxquant.observe keeps statistics only, so record the inputs with "
-                                   "record_inputs (or protect by fragility)")
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise PassError(f"{self.name}: samples must be an integer >= 1, got {samples!r}")
         self.calibration, self.samples, self.alpha = calibration, samples, alpha
