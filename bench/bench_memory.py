@@ -187,7 +187,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--recipes", nargs="+", default=["int8-w8a8"])
+    ap.add_argument("--recipes", nargs="+", default=["int8-w8a8-paper"])
     ap.add_argument("--modes", nargs="+", default=["shared", "consume"], choices=["shared", "consume"])
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--items", type=int, default=4)

@@ -14,7 +14,8 @@ inputs through the traced graph computes the same statistics (tested bit for bit
 What is kept (the memory bound, see docs/memory.md):
     a few calls' arguments     ``keep_inputs`` (default 2, at least 1) calls cloned to the CPU,
                                spread over the run; the first is the tracing example, the
-                               others feed passes that re-run the model (sensitivity ranking)
+                               others feed passes that re-run the model (sensitivity ranking,
+                               GPTQ's Hessians): those see only these calls
     running statistics         per linear: in_features float32 channel maxima, plus a few
                                floats per linear and distinct timestep
     a bounded sample           only with ``search_tokens > 0`` (SmoothQuant's alpha search):
@@ -140,8 +141,8 @@ class observe:  # noqa: N801 - used as a context manager, reads like a function
             only recipes with ``alpha_search`` need them).
         keep_inputs: calls whose arguments are kept, spread evenly over the run (as
             `record_inputs` keeps them), for passes that must re-run the model: protection by
-            sensitivity measures output error on them (``sensitivity_samples`` of them). At least
-            the first call is always kept: it is the tracing example.
+            sensitivity measures output error on them, GPTQ builds its Hessians from them. At
+            least the first call is always kept: it is the tracing example.
 
     Returns (on ``__enter__``):
         An `Observed`, usable as ``compile(..., calibration=...)`` once the block has run.

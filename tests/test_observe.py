@@ -56,8 +56,8 @@ def test_compile_from_observed_equals_compile_from_inputs(model_and_items):
     with fxquant.observe(model) as cal:
         _run(model, items)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    # Fragility ranking: from statistics alone, so both routes must agree exactly.
-    recipe = fxquant.Recipe.preset("int8-w8a8").replace(protect_by="fragility")
+    # The paper's recipe (fragility ranking, no GPTQ): from statistics alone, so both routes agree exactly.
+    recipe = "int8-w8a8-paper"
     gm_items = fxquant.compile(model, recipe, calibration=items)
     gm_cal = fxquant.compile(model, recipe, calibration=cal)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -65,9 +65,9 @@ def test_compile_from_observed_equals_compile_from_inputs(model_and_items):
     with torch.no_grad():
         torch.testing.assert_close(gm_cal(**items[1]), gm_items(**items[1]), rtol=0, atol=0)
     assert [str(r) for r in fxquant.summary(gm_cal).rows] == [str(r) for r in fxquant.summary(gm_items).rows]
-    # Sensitivity ranking (the preset's) re-runs the model on the few kept calls.
-    gm_sens = fxquant.compile(model, "int8-w8a8", calibration=cal)
-    assert {r.kind for r in fxquant.summary(gm_sens).rows} >= {"quantize", "protected"}
+    # The default preset (sensitivity ranking, GPTQ) re-runs the model on the few kept calls.
+    gm_default = fxquant.compile(model, "int8-w8a8", calibration=cal)
+    assert {r.kind for r in fxquant.summary(gm_default).rows} >= {"quantize", "protected"}
 
 
 def test_sample_is_bounded_spread_and_shared_by_readers_of_one_tensor(model_and_items):
@@ -83,7 +83,7 @@ def test_sample_is_bounded_spread_and_shared_by_readers_of_one_tensor(model_and_
         assert cal.sample(key).shape[0] <= 16
     # thinned as record_inputs thins: kept calls stay spread over the whole run
     assert cal._stride == 4 and len(q) <= 8
-    recipe = fxquant.Recipe.preset("int8-w8a8").replace(alpha_search=(0.3, 0.5, 0.7))
+    recipe = fxquant.Recipe.preset("int8-w8a8-paper").replace(alpha_search=(0.3, 0.5, 0.7))
     gm = fxquant.compile(model, recipe, calibration=cal)
     assert {r.smoothing.alpha for _, r in meta.records(gm) if r.smoothing.target != "none"} <= {0.3, 0.5, 0.7}
 
@@ -92,7 +92,7 @@ def test_alpha_search_without_sample_names_search_tokens(model_and_items):
     model, items = model_and_items
     with fxquant.observe(model) as cal:
         _run(model, items[:1])
-    recipe = fxquant.Recipe.preset("int8-w8a8").replace(alpha_search=(0.3, 0.5))
+    recipe = fxquant.Recipe.preset("int8-w8a8-paper").replace(alpha_search=(0.3, 0.5))
     with pytest.raises(fxquant.PassError, match="search_tokens"):
         fxquant.compile(model, recipe, calibration=cal)
 

@@ -34,7 +34,6 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from ..observe import Observed
 from .. import graph, meta
 from ..errors import CalibrationError, PassError
 from ..ops.w8a8 import INT8_MAX, quantize_weight_per_channel
@@ -109,9 +108,6 @@ class RoundGPTQ(FxquantPass):
     def __init__(self, calibration: Optional[Sequence[Any]], damp: float = 0.01, hessian_bytes: int = 2 << 30) -> None:
         if not calibration:
             raise CalibrationError(f"{self.name}: needs at least one calibration input, got {calibration!r}")
-        if isinstance(calibration, Observed):  # one example and statistics: no inputs for Hessians
-            raise CalibrationError(f"{self.name}: GPTQ needs the calibration inputs (it accumulates X^T X); "
-                                   "fxquant.observe keeps statistics only, so record the inputs with record_inputs")
         if not damp > 0:
             raise PassError(f"{self.name}: damp must be > 0, got {damp!r}")
         self.calibration, self.damp, self.hessian_bytes = calibration, float(damp), int(hessian_bytes)
