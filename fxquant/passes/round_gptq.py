@@ -98,8 +98,8 @@ class RoundGPTQ(FxquantPass):
         hessian_bytes: memory for the Hessians held at once (float32 ``in^2`` per distinct input).
 
     Raises:
-        PassError: no ``selection`` (run select_schemes first), a lowering already ran, or the
-            pinned weight does not give back the GPTQ codes.
+        PassError: no ``selection`` (run select_schemes first), or the pinned weight does not give
+            back the GPTQ codes. Linears already lowered are declined (a second run changes nothing).
         CalibrationError: no calibration inputs.
     """
 
@@ -115,15 +115,12 @@ class RoundGPTQ(FxquantPass):
 
     def requires(self, gm: fx.GraphModule) -> None:
         require_records(gm, self.name, "selection", before="select_schemes")
-        done = [r.name for _, r in meta.records(gm) if r.lowering is not None]
-        if done:
-            raise PassError(f"{self.name}: linear {done[0]!r} is already lowered; GPTQ must run before lower_w8a8")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         t0 = time.perf_counter()
         users: dict[str, list[fx.Node]] = {}  # weight target -> the quantized linear nodes reading it
         for node, rec in meta.records(gm):
-            if rec.selection.scheme is Scheme.W8A8:
+            if graph.is_linear(node) and rec.selection.scheme is Scheme.W8A8:  # lowered nodes are declined
                 users.setdefault(str(graph.param_root(node.args[1]).target), []).append(node)
         if not users:
             return PassResult(gm, False)

@@ -143,6 +143,8 @@ class ScoreSensitivity(FxquantPass):
         t0 = time.perf_counter()
         self._cache: dict[fx.Node, tuple] = {}
         recs = meta.records(gm)
+        if all(r.sensitivity is not None for _, r in recs):  # scored before (a second run): nothing to do
+            return PassResult(gm, False)
         idx = spread(len(self.calibration), self.samples)
         inputs = batched([graph.graph_inputs(gm, self.calibration[i], f"calibration[{i}]", self.name) for i in idx])
         refs, local = self._reference(gm, recs, inputs)

@@ -28,9 +28,8 @@ from typing import Optional
 
 import torch.fx as fx
 
-from .. import meta
+from .. import graph, meta
 from ..errors import RecipeError
-from .. import graph
 from ..recipe import LayerRule, MisalignedPolicy, ProtectBy, Recipe, SchemeRule
 from ..schemes import DecidedBy, Scheme, SelectionKind, info
 from .base import FxquantPass, PassResult, require_records
@@ -179,7 +178,9 @@ class SelectSchemes(FxquantPass):
 def budget_selection(gm: fx.GraphModule, recs, chosen: dict, o: SelectOptions) -> dict:
     """Selections the float budget adds: greedy by sensitivity**2 per float byte, after what rules
     and top-k already keep off the default scheme (their bytes count against the budget)."""
-    size = {n: graph.weight(gm, n).numel() * graph.weight(gm, n).element_size() for n, _ in recs}
+    # Float bytes from the record and the node's float output dtype, not from the weight as stored now,
+    # so a re-run on a lowered graph decides the same.
+    size = {n: r.in_features * r.out_features * n.meta["val"].element_size() for n, r in recs}
     caps = [c for c in (round(o.budget_fraction * sum(size.values())) if o.budget_fraction > 0 else 0, o.budget_bytes) if c > 0]
     left = min(caps) - sum(size[n] for n, _ in recs if chosen[n] is not None and chosen[n].kind is SelectionKind.PROTECTED)
     free = {r.key: (n, r) for n, r in recs if chosen[n] is None and r.sensitivity is not None}

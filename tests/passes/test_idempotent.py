@@ -24,13 +24,17 @@ CFG = dict(attention_head_dim=64, num_attention_heads=4, intermediate_size=512, 
 RECIPES = ("int8-w8a8", "int8-w8a8-q8", "q4_k_m")
 
 
+def _recipe(name):
+    return fxquant.Recipe.preset(name).replace(protect_reference_linears=0, protect_top_k=2)
+
+
 @pytest.fixture(scope="module")
 def compiled():
     model = reduced_ideogram4(seed=2, **CFG)
     calib = ideogram4_trajectory(steps=2, seed=3, in_channels=32)
     out = {}
     for name in RECIPES:
-        recipe = fxquant.Recipe.preset(name).replace(protect_reference_linears=0, protect_top_k=2)
+        recipe = _recipe(name)
         passes = pipeline.build(recipe, calib)
         gm = trace(model, calib[0])
         meta.set_graph_record(gm, meta.GraphRecord(recipe=recipe.to_dict()))
@@ -43,15 +47,15 @@ def _snapshot(gm):
     return (gm.code, {k: v.clone() for k, v in gm.state_dict().items()}, [r for _, r in meta.records(gm)])
 
 
-CASES = [(r, i) for r in RECIPES for i in range(7)]
+# Every pass of every recipe's pipeline (built here only to name them; the fixture builds the real ones).
+CASES = [(r, i, p.name) for r in RECIPES for i, p in enumerate(pipeline.build(_recipe(r), [{}]).passes)]
 
 
-@pytest.mark.parametrize("recipe, index", CASES, ids=[f"{r}-pass{i}" for r, i in CASES])
-def test_second_run_changes_nothing(compiled, recipe, index):
+@pytest.mark.parametrize("recipe, index, name", CASES, ids=[f"{r}-{n}" for r, _, n in CASES])
+def test_second_run_changes_nothing(compiled, recipe, index, name):
     gm, passes = compiled[recipe]
-    if index >= len(passes.passes):
-        pytest.skip(f"{recipe} has {len(passes.passes)} passes")
     p = passes.passes[index]
+    assert p.name == name
     gm = copy.deepcopy(gm)
     x = ideogram4_inputs(seed=9, in_channels=32)
     with torch.no_grad():
