@@ -15,7 +15,9 @@ On a CUDA machine:
   targets  W8A8 compiled >= 1.5x bf16 compiled at 4096 tokens; Q4_K fused <= 1.15x bf16 eager.
 
 Without CUDA it says so, runs the Triton kernels' correctness tests under the CPU interpreter
-(``tests/interp`` with ``TRITON_INTERPRET=1``) and the compile checks on CPU, and writes no timings.
+(``tests/interp`` with ``TRITON_INTERPRET=1``), compiles every kernel to a Hopper cubin
+(``tests/test_triton_compile.py``: triton's compiler and ptxas need no device), runs the
+compile/save checks on CPU, and writes no timings.
 Writes a table to stdout and JSON to ``bench/results/gpu_suite.json``.
 """
 
@@ -203,15 +205,17 @@ def time_block(seqs: list[int], reps: int) -> list[dict]:
     return rows
 
 
-def interpreter_checks() -> dict:
-    """The Triton kernels' tests under the CPU interpreter, in a subprocess (the variable must be set first)."""
+def pytest_check(paths: list[str], interpret: bool) -> dict:
+    """Run test files in a subprocess; ``interpret``: under the Triton CPU interpreter (set before import)."""
     try:
         import triton  # noqa: F401
     except ImportError:
-        return {"ok": False, "detail": "triton is not installed (pip install -e '.[gpu]'): nothing to interpret"}
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/interp",
-                           "tests/test_triton_kernels.py", "-k", "not under_the_triton"],
+        return {"ok": False, "detail": "triton is not installed (pip install -e '.[gpu]'): nothing to check"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
     return {"ok": proc.returncode == 0, "detail": tail}
@@ -227,9 +231,12 @@ def main() -> int:
     result: dict = {"torch": torch.__version__, "checks": {}, "timings": []}
     if not torch.cuda.is_available():
         print("No CUDA device: the GPU checks and timings cannot run on this machine. Running the Triton "
-              "kernels' correctness tests under the CPU interpreter and the compile/save checks on CPU instead.")
+              "kernels' tests under the CPU interpreter, their sm_90 compile, and the compile/save checks "
+              "on CPU instead.")
         result["device"] = None
-        result["checks"]["triton interpreter (tests/interp)"] = interpreter_checks()
+        result["checks"]["triton interpreter (tests/interp)"] = pytest_check(["tests/interp"], interpret=True)
+        result["checks"]["sm_90 compile, no GPU (tests/test_triton_compile.py)"] = pytest_check(
+            ["tests/test_triton_compile.py", "tests/test_triton_kernels.py", "-k", "not under_the_triton"], interpret=False)
         dev = "cpu"
         names = [("compile + save/load (CPU)", check_compile_and_io)]
     else:

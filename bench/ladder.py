@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--gain", type=float, default=100.0)
     ap.add_argument("--out", default="bench/results/ladder.json")
     ap.add_argument("--report", default="bench/results/ladder_report", help="directory for fxquant.report")
+    ap.add_argument("--models", nargs="+", default=["seeded", "planted"], choices=["seeded", "planted"])
     a = ap.parse_args()
 
     calib = ideogram4_trajectory(steps=6, seed=10, **KW)
@@ -70,7 +72,7 @@ def main() -> None:
     print(f"reduced Ideogram 4, {a.layers} layers, {n} linears; gain {a.gain:g}; ks {ks}")
     print(f"{'model':8} {'recipe':15} {'by':11} {'rho':>6} {'rho s/f':>7} {'knee':>4} {'float%':>6}  "
           + " ".join(f"k={k:<5}" for k in ks))
-    for model_name in ("seeded", "planted"):
+    for model_name in a.models:
         for recipe_name, recipe in RECIPES.items():
             for by in ("fragility", "sensitivity"):
                 model = reduced_ideogram4(seed=1, num_layers=a.layers)
@@ -88,9 +90,10 @@ def main() -> None:
                 results.append({"model": model_name, "recipe": recipe_name, "seconds": round(secs, 1), **lad.to_json()})
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"layers": a.layers, "gain": a.gain, "ks": ks, "ladders": results}, indent=2))
+    out.write_text(json.dumps({"layers": a.layers, "gain": a.gain, "ks": ks, "ladders": results,
+                               "loadavg": os.getloadavg()}, indent=2))
     print(f"wrote {out}")
-    if a.report:
+    if a.report and "planted" in a.models:
         # The report of the planted model compiled with a 5 % float budget by sensitivity, both protect-only ladders.
         lads = [ladders[("planted", "protect-only", by)] for by in ("fragility", "sensitivity")]
         model = planted(reduced_ideogram4(seed=1, num_layers=a.layers), a.gain)

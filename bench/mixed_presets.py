@@ -10,7 +10,7 @@ fit the attention and FFN linears (heads 4 x 64, FFN 512, 32 latent channels); t
 Protection uses the quality bench's k (one slot per linear fed by a massive activation, unscaled)
 for every preset that protects, so the presets differ only in scheme:
 
-    int8-w8a8     w8a8 + SmoothQuant, protected linears float (the paper)
+    int8-w8a8-paper  w8a8 + SmoothQuant, protected linears float (the paper)
     int8-w8a8-q8  the same, protected linears Q8_0 (weight-only)
     q4_k_m        Q4_K, protected linears Q8_0, misaligned linears Q8_0 where 32 divides them
 
@@ -37,7 +37,7 @@ from fxquant.models import ideogram4_inputs, reduced_ideogram4  # noqa: E402
 from quality_ablation import HELD_OUT_TIMESTEPS, CALIB_TIMESTEPS, held_out_error, massive_blocks, plant_outliers  # noqa: E402
 
 CFG = dict(attention_head_dim=64, num_attention_heads=4, intermediate_size=512, mrope_section=(12, 10, 10), in_channels=32)
-PRESETS = ("w8a8-naive", "int8-w8a8", "int8-w8a8-q8", "q8_0", "q4_k", "q4_k_m")
+PRESETS = ("w8a8-naive", "int8-w8a8-paper", "int8-w8a8-q8", "q8_0", "q4_k", "q4_k_m")
 
 
 def recipes(layers: int) -> dict[str, fxquant.Recipe]:

@@ -5,12 +5,15 @@ from .api import Summary, SummaryRow, compile, summary
 from .calibrate import record_inputs
 from .observe import Observed, observe
 from .ladder import Ladder, LadderPoint, protection_ladder
-from .errors import (CalibrationError, FormatError, FxquantError, PassError, RecipeError,
+from .errors import (CalibrationError, FormatError, FxquantError, LoraError, MissingDependencyError, PassError, RecipeError,
                      TraceError)
-from .artifacts.export import export_program, save_pt2
+from .artifacts.export import export_program
+from .artifacts.pt2 import load_pt2, save_pt2
 from .artifacts.io import load, save
 from .artifacts.gguf import GGUFReport, save_gguf
 from .report import report
+from .lora import (LoraWeights, apply_lora, load_lora, lora_adapters, merge_lora, remove_lora,
+                   set_lora_scale)
 from .recipe import LayerRule, MisalignedPolicy, Recipe, SchemeRule
 from .schemes import DecidedBy, Scheme, SelectionKind, SmoothingTarget
 
@@ -19,6 +22,8 @@ __version__ = "0.1.0"
 __all__ = [
     "compile", "summary", "Summary", "SummaryRow", "Recipe", "LayerRule", "SchemeRule", "Scheme", "SelectionKind",
     "DecidedBy", "SmoothingTarget", "MisalignedPolicy", "FxquantError", "RecipeError", "TraceError", "CalibrationError", "PassError",
-    "FormatError", "__version__", "save_gguf", "GGUFReport", "save", "load", "save_pt2", "export_program",
+    "FormatError", "MissingDependencyError", "__version__", "save_gguf", "GGUFReport", "save", "load", "save_pt2", "load_pt2", "export_program",
     "record_inputs", "observe", "Observed", "protection_ladder", "Ladder", "LadderPoint", "report",
+    "LoraError", "LoraWeights", "apply_lora", "remove_lora", "set_lora_scale", "lora_adapters", "load_lora",
+    "merge_lora",
 ]

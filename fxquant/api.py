@@ -35,6 +35,9 @@ def compile(
     calibration: Union[Sequence[Any], Mapping[str, Sequence[Any]], None] = None,
     consume: bool = False,
     dump_dir: Union[str, "os.PathLike[str]", None] = None,
+    *,
+    lora: Any = None,
+    lora_scale: float = 1.0,
 ) -> Union[fx.GraphModule, dict[str, fx.GraphModule]]:
     """Quantize a diffusion transformer into a lowered GraphModule (one per CFG branch).
 
@@ -54,18 +57,27 @@ def compile(
             the model never reach it.
         dump_dir: if set, ``gm.code`` after every pass is written there (a sub-folder per branch).
             Progress goes to the ``fxquant`` logger.
+        lora: merge-before-quantize: a LoRA (file, folder, state dict or `LoraWeights`) merged
+            into the float weights (``W + lora_scale * factor * B @ A``, `fxquant.merge_lora`)
+            before calibration and quantization. For runtime LoRA on the quantized module use
+            `fxquant.apply_lora` instead.
+        lora_scale: the merged LoRA's strength.
 
     Returns:
         A GraphModule with the module's call signature (or a dict of them). It shares no tensor
         with the input modules, which are not modified (unless ``consume``).
 
     Raises:
-        RecipeError, CalibrationError, TraceError, PassError.
+        RecipeError, CalibrationError, TraceError, PassError, LoraError (``lora``: as `fxquant.merge_lora`).
 
     Example:
         >>> gm = fxquant.compile(model, "w8a8-naive", calibration=[inputs])  # doctest: +SKIP
     """
     recipe = resolve(recipe)
+    if lora is not None:  # a merged copy; the caller's model is not written
+        from .lora.merge import merge_lora
+
+        model = merge_lora(model, lora, lora_scale)
     models, is_dict = as_branches(model, "compile")
     if is_dict and not isinstance(calibration, Mapping):
         raise CalibrationError("compile: a dict of branches needs a dict of calibration inputs with the same keys")

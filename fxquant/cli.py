@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "`import fxquant`) or gguf (fxquant.save_gguf).")
     e.add_argument("path")
     e.add_argument("--format", required=True, choices=("pt2", "gguf"))
-    e.add_argument("--out", required=True, help="output file; with several branches, one file per branch (OUT.<branch>.pt2 / .gguf)")
+    e.add_argument("--out", required=True, help="output file; with several branches, one file per branch "
+                   "(OUT.<branch>.pt2 / .gguf); a folder (ending in /) gets <branch>.pt2 / .gguf")
     e.add_argument("--branch", help="export only this branch")
     e.set_defaults(func=cmd_export)
 

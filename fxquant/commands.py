@@ -65,10 +65,12 @@ def _factory(spec: str) -> Callable[..., Any]:
 
 def _models(args: argparse.Namespace, progress: Progress) -> Any:
     branches = [b for b in (args.branches or "").split(",") if b]
+    if args.layers is not None and args.layers < 1:
+        raise CliError(f"--layers {args.layers}: the built-in model needs at least 1 layer")
     if args.model == BUILTIN:
         from .models import reduced_ideogram4
 
-        layers = args.layers or 2
+        layers = 2 if args.layers is None else args.layers
         progress(f"building the reduced Ideogram 4 ({layers} layers, seeded random weights)")
         if not branches:
             return reduced_ideogram4(seed=1, num_layers=layers)
@@ -86,6 +88,8 @@ def _models(args: argparse.Namespace, progress: Progress) -> Any:
 
 def _calibration(args: argparse.Namespace, model: Any, progress: Progress) -> Any:
     names = list(model) if isinstance(model, dict) else None
+    if args.steps < 1:
+        raise CliError(f"--steps {args.steps}: give at least 1 built-in calibration input per branch")
     if args.calibration is None:
         if args.model != BUILTIN:
             raise CliError("--calibration FILE is required with a model factory (a torch.save'd list of input dicts)")
@@ -157,11 +161,15 @@ def _select(loaded: Any, branch: Optional[str]) -> dict[str, Any]:
     return {branch: loaded[branch]}
 
 
-def _per_branch(out: str, branch: str, several: bool) -> str:
+def _per_branch(out: str, branch: str, several: bool, ext: str) -> str:
+    """``--out`` for one branch: OUT.<branch>.<ext>, or <branch>.<ext> inside OUT when OUT is a folder
+    (ends with a separator or exists), as ``save_gguf(dict, folder)`` names its files."""
+    if out.endswith(("/", os.sep)) or os.path.isdir(out):
+        return os.path.join(out, f"{branch or 'model'}.{ext}")
     if not several:
         return out
     p = Path(out)
-    return str(p.with_name(f"{p.stem}.{branch}{p.suffix}"))
+    return str(p.with_name(f"{p.stem}.{branch}{p.suffix or '.' + ext}"))
 
 
 def cmd_inspect(args: argparse.Namespace, progress: Progress) -> None:
@@ -186,10 +194,14 @@ def cmd_export(args: argparse.Namespace, progress: Progress) -> None:
 
     if args.format == "gguf" and getattr(fxquant, "save_gguf", None) is None:
         raise CliError("--format gguf: this fxquant has no fxquant.save_gguf (GGUF export is not available)")
-    writable(args.out, "export --out")  # the folder of every per-branch file, checked before loading
+    if args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
+        if not os.path.isdir(args.out):
+            raise CliError(f"--out {args.out!r}: the folder does not exist (export does not create folders)")
+    else:
+        writable(args.out, "export --out")  # the folder of every per-branch file, checked before loading
     targets = _select(_load(args.path, progress), args.branch)
     for name, gm in targets.items():
-        out = _per_branch(args.out, name, len(targets) > 1)
+        out = _per_branch(args.out, name, len(targets) > 1, args.format)
         progress(f"exporting {('branch ' + repr(name)) if name else 'the module'} to {out} ({args.format})")
         if args.format == "pt2":
             fxquant.save_pt2(gm, out)

@@ -35,3 +35,12 @@ class PassError(FxquantError):
 
 class FormatError(FxquantError, ValueError):
     """A saved artifact or packed tensor is malformed."""
+
+
+class MissingDependencyError(FxquantError, ImportError):
+    """An optional dependency a feature needs is not installed (the message names the package)."""
+
+
+class LoraError(FxquantError, ValueError):
+    """A LoRA file or adapter is malformed or does not fit the module: an unmatched key, a shape
+    mismatch, an unsupported layout, an unknown or duplicate adapter name."""

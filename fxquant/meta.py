@@ -11,6 +11,7 @@ The GraphModule carries one `GraphRecord` at ``gm.meta["fxquant"]``.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
@@ -98,20 +99,45 @@ class Selection:
 
 @dataclass(frozen=True)
 class Smoothing:
-    """Written by ``fold_smoothing``: where the linear's smoothing vector went."""
+    """Written by ``fold_smoothing``: where the linear's smoothing vector went.
+
+    ``vector`` is s itself (float32 [in_features]) for the folded targets (NORM, ADALN, LINEAR),
+    where the linear's graph input already is x / s and its weight W * s: whatever must see the
+    unsmoothed x (a LoRA branch, `fxquant.apply_lora`) rescales by it. It is mirrored as base64
+    float32 (little-endian), so it survives save / load and ``.pt2`` export. ``scaled_rows``
+    names the linears whose output rows ``[start, start + in_features)`` took 1/s (the LINEAR and
+    ADALN folds: to_v for to_out, w3 for w2, an adaLN modulation).
+    """
 
     target: SmoothingTarget
     target_name: str = ""
     alpha: float = 0.0
     group: tuple[str, ...] = ()
+    vector: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
+    scaled_rows: tuple[tuple[str, int], ...] = ()  # (linear module name, first row) that took 1/s
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target", SmoothingTarget(self.target))
         object.__setattr__(self, "group", tuple(self.group))
+        object.__setattr__(self, "scaled_rows", tuple((str(n), int(i)) for n, i in self.scaled_rows))
 
     def to_json(self) -> dict[str, Any]:
-        return {"target": self.target.value, "target_name": self.target_name, "alpha": self.alpha,
-                "group": list(self.group)}
+        out: dict[str, Any] = {"target": self.target.value, "target_name": self.target_name, "alpha": self.alpha,
+                               "group": list(self.group)}
+        if self.scaled_rows:
+            out["scaled_rows"] = [list(r) for r in self.scaled_rows]
+        if self.vector is not None:
+            raw = self.vector.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()
+            out["vector"] = base64.b64encode(raw).decode("ascii")
+        return out
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> "Smoothing":
+        kw = dict(d)
+        if "vector" in kw:
+            raw = bytearray(base64.b64decode(kw["vector"]))
+            kw["vector"] = torch.frombuffer(raw, dtype=torch.float32).clone() if raw else torch.zeros(0)
+        return Smoothing(**kw)
 
 
 @dataclass(frozen=True)
@@ -185,7 +211,7 @@ class LinearRecord:
         if "selection" in d:
             kw["selection"] = _selection_from_json(d["selection"], kw.get("lowering"))
         if "smoothing" in d:
-            kw["smoothing"] = Smoothing(**d["smoothing"])
+            kw["smoothing"] = Smoothing.from_json(d["smoothing"])
         return LinearRecord(**kw)
 
 

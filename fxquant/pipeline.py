@@ -33,6 +33,7 @@ from typing import Any, Optional, Sequence
 import torch.fx as fx
 
 from . import meta
+from .artifacts.common import atomic_write
 from .errors import FxquantError, PassError, describe
 from .passes.base import FxquantPass
 from .passes.collect_stats import CollectStats
@@ -111,8 +112,7 @@ class Pipeline:
             log.info("fxquant: %s done in %.2fs", p.name, time.perf_counter() - t0)
             if self.dump_dir is not None:
                 path = os.path.join(self.dump_dir, f"{len(done):02d}_{p.name}.py")
-                with open(path, "w", encoding="utf-8") as f:
-                    f.write(f"# after {' -> '.join(done)}\n{gm.code}")
+                atomic_write(path, f"# after {' -> '.join(done)}\n{gm.code}".encode(), "pipeline dump_dir")
         if any(ph.name == REWRITE for ph in self.phases):
             check_lowered(gm)
         return gm

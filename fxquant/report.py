@@ -16,6 +16,7 @@ linear nodes as cut points): the reason a ``feed_forward.w2`` has outlier channe
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -23,7 +24,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch.fx as fx
 
 from . import meta
-from .errors import FxquantError
+from .artifacts.common import atomic_write, fspath
+from .errors import FormatError, FxquantError, MissingDependencyError
 from .ladder import Ladder
 from .passes.score_fragility import spearman
 from .schemes import DecidedBy, SelectionKind
@@ -85,9 +87,7 @@ def _plot_fragility(rows: list[dict[str, Any]], title: str, path: str, field: st
     used = [k for k, c in COLORS.items() if c in colors]
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in used], labels=used,
               loc="upper left", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_png(fig, path)
 
 
 COLORS = {"protected: top-k": "tab:red", "protected: rule": "tab:orange", "protected: budget": "tab:purple",
@@ -119,16 +119,24 @@ def _plot_ladder(ladders: list[Ladder], title: str, path: str) -> None:
     ax.set_ylabel("relative L2 error vs float")
     ax.set_title(title)
     ax.legend(fontsize=7)
+    _save_png(fig, path)
+
+
+def _save_png(fig: Any, path: str) -> None:
+    """Render into memory, then write atomically (matplotlib would write the file in place)."""
+    buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.savefig(buf, format="png", dpi=120)
+    _pyplot().close(fig)
+    atomic_write(path, buf.getvalue(), "report")
 
 
 def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
-        raise FxquantError("report: the PNG plots need matplotlib; install fxquant[report] (pip install matplotlib)") from None
+        raise MissingDependencyError("report: the PNG plots need matplotlib; install fxquant[report] "
+                                     "(pip install matplotlib)") from None
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
@@ -234,7 +242,10 @@ def report(gm: GraphLike, path: Union[str, "os.PathLike[str]"],
         ``{"json": ..., "markdown": ..., "fragility_png"[_branch]: ..., "ladder_png"[_branch]: ...}`` paths.
 
     Raises:
-        FxquantError: ``gm`` has no records, or matplotlib is missing.
+        FxquantError: ``gm`` has no records.
+        MissingDependencyError: matplotlib is missing.
+        FormatError: ``path`` is a file, or a file cannot be written (naming it; every file is
+            written to a temp file and renamed, so an old report file survives a failure).
 
     Example:
         >>> fxquant.report(gm, "report/", ladder=fxquant.protection_ladder(model, [0, 2, 4], cal, held))  # doctest: +SKIP
@@ -245,7 +256,13 @@ def report(gm: GraphLike, path: Union[str, "os.PathLike[str]"],
         raise FxquantError("report: gm is a dict of branches; give ladder as a dict with the same keys")
     if set(ladders) - set(branches):
         raise FxquantError(f"report: ladder keys {sorted(ladders)} are not branches of gm ({sorted(branches)})")
-    os.makedirs(path, exist_ok=True)
+    path = fspath(path, "report")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FormatError(f"report: cannot write the report into {path}: it is a file; give a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise FormatError(f"report: cannot create the folder {path}: {e.strerror or e}") from None
     written: dict[str, str] = {}
     doc: dict[str, Any] = {"branches": {}}
     md = ["# fxquant analysis report", ""]
@@ -276,11 +293,9 @@ def report(gm: GraphLike, path: Union[str, "os.PathLike[str]"],
             md += _ladder_md(lads, lp, f" (`{name}`)" if name else "")
             doc["branches"][name]["ladder"] = lads[0].to_json() if len(lads) == 1 else [x.to_json() for x in lads]
     written["json"] = os.path.join(path, "report.json")
-    with open(written["json"], "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=2, default=_json_default)
+    atomic_write(written["json"], json.dumps(doc, indent=2, default=_json_default).encode(), "report")
     written["markdown"] = os.path.join(path, "report.md")
-    with open(written["markdown"], "w", encoding="utf-8") as f:
-        f.write("\n".join(md))
+    atomic_write(written["markdown"], "\n".join(md).encode(), "report")
     return written
 
 

@@ -22,7 +22,10 @@ untouched.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import sys
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -77,10 +80,23 @@ def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
             dims[1] = Dim.AUTO
         return dims
 
-    if not kwargs:
-        return torch.utils._pytree.tree_map(spec, args)
-    bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    except TypeError as e:
+        raise CalibrationError(f"calibration[0]: the inputs do not fit {type(model).__name__}.forward"
+                               f"{inspect.signature(model.forward)}: {e}") from None
+    # Keyed by parameter name: a `*args` parameter gets the tuple of its inputs' specs.
     return {name: torch.utils._pytree.tree_map(spec, value) for name, value in bound.items()}
+
+
+def check_model(model: torch.nn.Module) -> None:
+    """Refuse what torch would fail on later with a foreign error: tensors without data."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            if t.is_meta:
+                raise TraceError(f"{type(model).__name__}: {kind} {name!r} is on the meta device (it has no values); "
+                                 "load the weights first (e.g. from_pretrained without device_map='meta', or "
+                                 "model.to_empty(device='cpu') then load_state_dict)")
 
 
 def trace(model: torch.nn.Module, example: Any) -> fx.GraphModule:
@@ -99,6 +115,7 @@ def trace(model: torch.nn.Module, example: Any) -> fx.GraphModule:
     """
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
+    check_model(model)
     args, kwargs = as_args_kwargs(example)
     orig = (args, kwargs)
     if batch_of(args, kwargs) == 1:
@@ -116,13 +133,23 @@ def trace(model: torch.nn.Module, example: Any) -> fx.GraphModule:
     # Per-module hooks (not the process-wide ones) tell which module was being traced on failure.
     handles = [h for name, m in model.named_modules()
                for h in (m.register_forward_pre_hook(enter(name)), m.register_forward_hook(leave))]
+    shapes = dynamic_shapes(model, args, kwargs)
+    err = io.StringIO()
     try:
         model.eval()
-        with torch.no_grad():
-            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes(model, args, kwargs), strict=False)
+        # torch.export prints the partial graph of a failed trace to stderr: keep it on the error instead.
+        with torch.no_grad(), contextlib.redirect_stderr(err):
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # noqa: BLE001 - re-raised with the module that failed
         where = stack[-1] if stack else f"<root {type(model).__name__}>"
-        raise TraceError(f"cannot trace {type(model).__name__}: failed in module {where!r}: {describe(e)}") from e
+        partial = getattr(e, "partial_fx_graph", None)
+        rest = err.getvalue().replace(f"{partial}\n", "") if partial else err.getvalue()
+        sys.stderr.write(rest if rest.strip() else "")
+        error = TraceError(f"cannot trace {type(model).__name__}: failed in module {where!r}: {describe(e)}")
+        error.partial_graph = partial  # the graph traced up to the failure, for debugging
+        raise error from e
+    else:
+        sys.stderr.write(err.getvalue())  # warnings printed during a successful trace
     finally:
         for h in handles:
             h.remove()
@@ -169,4 +196,8 @@ def check_calibration(calibration: Any, where: str) -> list[Any]:
         raise CalibrationError(f"{where}: calibration is empty; give at least one example input")
     for i, item in enumerate(calibration):
         as_args_kwargs(item, f"{where}[{i}]")
+        for path, leaf in torch.utils._pytree.tree_flatten_with_path(item)[0]:
+            if isinstance(leaf, torch.Tensor) and leaf.is_meta:
+                raise CalibrationError(f"{where}[{i}]{torch.utils._pytree.keystr(path)}: the tensor is on the meta "
+                                       "device (it has no values); calibration needs real inputs")
     return list(calibration)

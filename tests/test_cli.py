@@ -63,7 +63,8 @@ def test_compile_builtin_branches_with_progress(branches):
     assert list(loaded) == ["cond", "uncond"]
     counts = fxquant.summary(loaded).counts()  # 1 layer x 8 linears + 7 outside, per branch
     kinds = fxquant.summary(loaded).counts("kind")
-    assert sum(counts.values()) == 2 * 15 and counts["w8a8"] >= 2 * 13 and kinds["protected"] >= 2
+    # int8-w8a8 protects by measured sensitivity within a 5% float budget: a few linears per branch
+    assert sum(counts.values()) == 2 * 15 and counts["w8a8"] >= 2 * 11 and kinds["protected"] >= 2
 
 
 def test_compile_from_factory_recipe_json_and_calibration_file(factory_q8):

@@ -141,7 +141,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(FormatError, match="not written by fxquant.save_gguf"):
         load_gguf(other)
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
-    with pytest.raises(FormatError, match="junk.gguf: not a readable GGUF file"):
+    with pytest.raises(FormatError, match="junk.gguf: not a GGUF file"):
         gguf_metadata(tmp_path / "junk.gguf")
     with pytest.raises(FxquantError, match="cannot be file names"):
         save_gguf({"a/b": w8}, tmp_path / "d")
@@ -181,7 +181,8 @@ def test_diffusers_loads_and_matches_fxquant(exported, tmp_path, config_from):
     dm = load_gguf(path, config=config)
     assert "Ideogram4Transformer2DModel" not in SINGLE_FILE_LOADABLE_CLASSES  # registration undone
     assert isinstance(dm.layers[0].feed_forward.w2, GGUFLinear) and isinstance(dm.input_proj, GGUFLinear)
-    assert dm.layers[0].feed_forward.w2.weight.quant_type.name == "Q4_K"
+    assert dm.layers[0].feed_forward.w1.weight.quant_type.name == "Q4_K"
+    assert dm.layers[0].feed_forward.w2.weight.quant_type.name == "Q8_0"  # protected, stored Q8_0
     assert dm.input_proj.weight.quant_type.name == "Q8_0"
     assert not any(t.is_meta for t in dm.state_dict().values())  # every tensor came from the file
     assert torch.equal(dm.layers[1].ffn_norm1.weight, model.layers[1].ffn_norm1.weight)

@@ -272,7 +272,7 @@ def test_not_an_fxquant_file_and_missing_file(tmp_path):
     _bad(tmp_path / "junk.safetensors", "not a safetensors file")
     _bad(tmp_path / "nope.safetensors", "cannot read")
     (tmp_path / "m.pt2").write_bytes(b"PK\x03\x04" + bytes(100))
-    _bad(tmp_path / "m.pt2", "torch.export.load")
+    _bad(tmp_path / "m.pt2", "fxquant.load_pt2")
     assert not os.path.exists(tmp_path / "nope.safetensors")
 
 

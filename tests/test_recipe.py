@@ -122,4 +122,4 @@ def test_mixed_presets():
     q4km, w8q8 = Recipe.preset("q4_k_m"), Recipe.preset("int8-w8a8-q8")
     assert q4km.default is Scheme.Q4_K and q4km.protect_scheme is Scheme.Q8_0 and q4km.protect_top_k == 17
     assert w8q8.protect_scheme is Scheme.Q8_0
-    assert w8q8.replace(name="int8-w8a8", protect_scheme=Scheme.FLOAT) == Recipe.preset("int8-w8a8")
+    assert w8q8.replace(name="int8-w8a8-paper", protect_scheme=Scheme.FLOAT) == Recipe.preset("int8-w8a8-paper")

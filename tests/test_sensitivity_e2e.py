@@ -27,9 +27,9 @@ def test_default_preset_beats_the_paper_recipe_within_its_budget(tmp_path):
     assert err["int8-w8a8"] < err["int8-w8a8-paper"]
     rows = fxquant.summary(gms["int8-w8a8"]).rows
     total = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
-    kept = sum(r.weight_bytes for r in rows if r.scheme == "protected")
+    kept = sum(r.weight_bytes for r in rows if r.scheme == "float")
     assert 0 < kept <= 0.05 * total
-    assert all("float budget" in r.reason for r in rows if r.scheme == "protected")
+    assert all(r.kind == "protected" and "float budget" in r.reason for r in rows if r.scheme == "float")
     path = tmp_path / "m.safetensors"
     fxquant.save(gms["int8-w8a8"], path)
     loaded = fxquant.load(path)

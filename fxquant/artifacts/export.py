@@ -6,7 +6,11 @@
     export_program(gm)
         example_from(example_inputs) -> zeros of those shapes and dtypes
         -> torch.export.export(gm, zeros, dynamic batch/seq, strict=False) -> ExportedProgram
-    save_pt2(gm, "m.pt2") = torch.export.save(export_program(gm), "m.pt2")
+
+The export runs on a private copy of the module's graph and node metadata (torch writes
+``_torchdynamo_disable*`` annotations into the metadata of the module it traces), and the program
+is made reproducible: torch's annotations and the ``from_node`` provenance (which records Python
+object ids) are dropped. `pt2.save_pt2` writes the program as a ``.pt2``.
 
 Only shapes and dtypes are kept, never values: non-strict export traces on fake tensors. The
 fxquant artifact (`fxquant.artifacts.io.save`) stores the program this module produces.
@@ -14,17 +18,21 @@ fxquant artifact (`fxquant.artifacts.io.save`) stores the program this module pr
 
 from __future__ import annotations
 
+import copy
 import inspect
-import os
+import re
+import warnings
 from typing import Any, Mapping, Union
 
 import torch
 import torch.fx as fx
 
 from .. import meta, trace
-from ..errors import FormatError, FxquantError, describe
-from .common import DTYPE_BY_NAME, PathLike, writable
+from ..errors import FxquantError, describe
+from .common import DTYPE_BY_NAME
 
+EVAL_KEY = re.compile(r"<eval_with_key>\.\d+")
+DYNAMO_KEYS = "_torchdynamo_disable"  # torch.export's annotations of @torch._dynamo.disable frames
 
 
 def describe_inputs(example: Any) -> Any:
@@ -77,6 +85,9 @@ def export_program(gm: fx.GraphModule, example: Any = None) -> torch.export.Expo
     Example:
         >>> torch.export.save(fxquant.export_program(gm), "model.pt2")  # doctest: +SKIP
     """
+    if not isinstance(gm, fx.GraphModule):
+        raise FxquantError(f"export: expected the GraphModule returned by fxquant.compile or fxquant.load, got a "
+                           f"{type(gm).__name__}; compile it first (fxquant.compile(model, recipe, calibration=...))")
     if example is None:
         rec = meta.graph_record(gm)
         if rec is None or rec.example_inputs is None:
@@ -89,25 +100,40 @@ def export_program(gm: fx.GraphModule, example: Any = None) -> torch.export.Expo
     kwargs = dict(sorted(kwargs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     if trace.batch_of(args, kwargs) == 1:  # a batch of 1 would be specialised, as in `trace`
         args, kwargs = trace.repeat_batch((args, kwargs))
+    private = _private_copy(gm)
     try:
         with torch.no_grad():
-            return torch.export.export(gm, args, kwargs, dynamic_shapes=trace.dynamic_shapes(gm, args, kwargs),
-                                       strict=False)
+            ep = torch.export.export(private, args, kwargs, dynamic_shapes=trace.dynamic_shapes(gm, args, kwargs),
+                                     strict=False)
     except Exception as e:  # noqa: BLE001 - re-raised with what was being exported
         raise FxquantError(f"export: torch.export failed on the lowered module: {describe(e)}") from e
+    _reproducible(ep)
+    return ep
 
 
-def save_pt2(gm: fx.GraphModule, path: PathLike, example: Any = None) -> None:
-    """``torch.export.save(export_program(gm, example), path)``; reload with ``torch.export.load``
-    after ``import fxquant`` (and the module defining the output type, e.g. ``import diffusers.models.modeling_outputs``).
+def _private_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule sharing ``gm``'s tensors but owning its graph, node metadata and ``meta``, so
+    that whatever export writes while tracing stays out of the caller's module."""
+    with warnings.catch_warnings():  # copying the pytree codegen trips torch's own LeafSpec deprecation
+        warnings.simplefilter("ignore", FutureWarning)
+        graph = copy.deepcopy(gm.graph)
+    for n in graph.nodes:  # graph copies share each node's meta values; "custom" is the one export writes
+        if "custom" in n.meta:
+            n.meta["custom"] = copy.deepcopy(n.meta["custom"])
+    out = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    out.meta = copy.deepcopy(gm.meta)
+    return out
 
-    Raises:
-        FxquantError: as `export_program`.
-        FormatError: the file cannot be written (a missing folder, which is not created; a directory).
-    """
-    path = writable(path, "save_pt2")
-    ep = export_program(gm, example)
-    try:
-        torch.export.save(ep, path)
-    except OSError as e:  # no permission, a full disk
-        raise FormatError(f"save_pt2: cannot write {path}: {e.strerror or e}") from None
+
+def _reproducible(ep: torch.export.ExportedProgram) -> None:
+    """Drop what differs between two exports of the same module: torch's dynamo annotations in
+    ``custom``, ``from_node`` provenance (it records ``id()`` of intermediate graphs) and the
+    per-process counter in the names of fx-generated code in stack traces."""
+    nodes = [n for m in ep.graph_module.modules() if isinstance(m, fx.GraphModule) for n in m.graph.nodes]
+    for n in nodes:  # submodules too: a nested graph (e.g. of a higher-order op) carries the same fields
+        n.meta.pop("from_node", None)
+        if isinstance(n.meta.get("stack_trace"), str):  # fx numbers the code it generates per process
+            n.meta["stack_trace"] = EVAL_KEY.sub("<eval_with_key>", n.meta["stack_trace"])
+        custom = n.meta.get("custom")
+        if isinstance(custom, dict) and any(k.startswith(DYNAMO_KEYS) for k in custom):
+            n.meta["custom"] = {k: v for k, v in custom.items() if not k.startswith(DYNAMO_KEYS)}

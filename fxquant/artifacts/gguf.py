@@ -13,7 +13,10 @@ float tensors keep their dtype (F32, F16 or BF16), except that BF16 tensors othe
 weights (biases, norm gains, embeddings) are written F32, losslessly: GGUF readers return BF16 as
 raw bytes, which diffusers decodes only for linear weights. Metadata: ``general.architecture`` is the
 source model's class name; ``fxquant.*`` keys hold the recipe (JSON), the fxquant version, the
-model's diffusers config (JSON), the branch and the per-linear scheme and note.
+model's diffusers config (JSON), the branch and the per-linear scheme and note;
+``fxquant.tensor_sha256`` holds each tensor's type, shape and sha256, ``fxquant.metadata_sha256`` the
+sha256 of every other key (`gguf_file.verify_gguf` checks both). The file is written to a temp
+file beside the target and renamed into place (`common.atomic_path`).
 
 A dict of CFG branches is written as one file per branch, ``<dir>/<branch>.gguf``: GGUF has one
 tensor namespace, and each branch is a complete set of weights a loader reads on its own.
@@ -21,6 +24,7 @@ tensor namespace, and each branch is a complete set of weights a loader reads on
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -31,9 +35,9 @@ import torch
 import torch.fx as fx
 
 from .. import codecs, graph, meta
-
-from ..errors import FormatError, FxquantError
-from .common import version, writable
+from ..errors import FormatError, FxquantError, MissingDependencyError
+from .common import atomic_path, fspath, version, writable
+from .gguf_file import ARRAY, METADATA_DIGESTS, TENSOR_DIGESTS, decoded, read_gguf, value_digest, verify_gguf
 
 LINEAR_GGUF = "fxquant::linear_gguf"
 FLOAT_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -157,32 +161,39 @@ def _write_one(gm: fx.GraphModule, path: str) -> GGUFReport:
                            "compile the model with this version of fxquant")
     try:
         import gguf
-    except ImportError as e:  # an optional dependency: say which
-        raise ImportError("save_gguf needs gguf-py: pip install 'fxquant[gguf]'") from e
+    except ImportError:  # an optional dependency: say which
+        raise MissingDependencyError("save_gguf needs gguf-py: pip install 'fxquant[gguf]'") from None
     tensors = _tensors(gm)
     linears = [{"name": r.name, "scheme": r.lowering.scheme.value if r.lowering else "float",
                 "selection": r.selection.kind.value if r.selection else "",
                 "note": r.lowering.note if r.lowering else ""} for _, r in meta.records(gm)]
-    w = gguf.GGUFWriter(path, arch=g.model_class)
-    try:
-        w.add_type("model")
-        w.add_name(g.model_class + (f" ({g.branch})" if g.branch else ""))
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_string("fxquant.version", version())
-        w.add_string("fxquant.model_class", g.model_class)
-        w.add_string("fxquant.recipe", json.dumps(g.recipe, sort_keys=True))
-        w.add_string("fxquant.linears", json.dumps(linears))
-        if g.model_config is not None:
-            w.add_string("fxquant.model_config", json.dumps(g.model_config, sort_keys=True))
-        if g.branch:
-            w.add_string("fxquant.branch", g.branch)
-        for name, arr, raw, _ in tensors:
-            w.add_tensor(name, arr, raw_dtype=raw)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-    finally:
-        w.close()
+    S = gguf.GGUFValueType.STRING
+    kv = {"general.architecture": (S, g.model_class), "general.type": (S, "model"),
+          "general.name": (S, g.model_class + (f" ({g.branch})" if g.branch else "")),
+          "general.quantization_version": (gguf.GGUFValueType.UINT32, gguf.GGML_QUANT_VERSION),
+          "fxquant.version": (S, version()), "fxquant.model_class": (S, g.model_class),
+          "fxquant.recipe": (S, json.dumps(g.recipe, sort_keys=True)), "fxquant.linears": (S, json.dumps(linears))}
+    if g.model_config is not None:
+        kv["fxquant.model_config"] = (S, json.dumps(g.model_config, sort_keys=True))
+    if g.branch:
+        kv["fxquant.branch"] = (S, g.branch)
+    kv[TENSOR_DIGESTS] = (S, json.dumps({e.name: {"type": e.ggml_type, "ne": list(reversed(e.shape)),
+                                                    "sha256": hashlib.sha256(np.ascontiguousarray(arr)).hexdigest()}
+                                         for _, arr, _, e in tensors}, sort_keys=True))
+    kv[METADATA_DIGESTS] = (S, json.dumps({k: value_digest(t, v) for k, (t, v) in kv.items()}, sort_keys=True))
+    with atomic_path(path, "save_gguf") as tmp:
+        w = gguf.GGUFWriter(tmp, arch=g.model_class)  # adds general.architecture itself
+        try:
+            for key, (vtype, value) in kv.items():
+                if key != "general.architecture":
+                    w.add_key_value(key, value, vtype)
+            for name, arr, raw, _ in tensors:
+                w.add_tensor(name, arr, raw_dtype=raw)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
     return GGUFReport(os.fspath(path), tuple(e for *_, e in tensors), os.path.getsize(path))
 
 
@@ -192,7 +203,7 @@ def save_gguf(gm_or_dict: Union[fx.GraphModule, Mapping[str, fx.GraphModule]],
 
     Args:
         gm_or_dict: the result of `fxquant.compile`; a dict of CFG branches writes one file per
-            branch, ``<path>/<branch>.gguf`` (``path`` is then a directory, created if missing).
+            branch, ``<path>/<branch>.gguf`` (``path`` is then a folder, created if missing).
         path: the file (or, for a dict, directory) to write.
 
     Returns:
@@ -200,7 +211,8 @@ def save_gguf(gm_or_dict: Union[fx.GraphModule, Mapping[str, fx.GraphModule]],
 
     Raises:
         FxquantError: not an fxquant-compiled module, or lowered to a scheme GGUF cannot store (w8a8).
-        FormatError: a tensor of a dtype GGUF cannot hold, or a malformed packed weight.
+        FormatError: a tensor of a dtype GGUF cannot hold, a malformed packed weight, or the file
+            cannot be written (naming the path; an existing file is kept).
 
     Example:
         >>> gm = fxquant.compile(model, "q4_k", calibration=[inputs])  # doctest: +SKIP
@@ -212,30 +224,32 @@ def save_gguf(gm_or_dict: Union[fx.GraphModule, Mapping[str, fx.GraphModule]],
         bad = [b for b in gm_or_dict if not isinstance(b, str) or not b or os.sep in b or b in (".", "..")]
         if bad:
             raise FxquantError(f"save_gguf: branch names {bad} cannot be file names")
-        os.makedirs(path, exist_ok=True)
-        return {b: _write_one(g, os.path.join(path, f"{b}.gguf")) for b, g in gm_or_dict.items()}
+        folder = fspath(path, "save_gguf")
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise FormatError(f"save_gguf: cannot write the branches into {folder}: it is a file; a dict of branches "
+                              f"is written as one file per branch, <folder>/<branch>.gguf")
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise FormatError(f"save_gguf: cannot create the folder {folder}: {e.strerror or e}") from None
+        return {b: _write_one(g, os.path.join(folder, f"{b}.gguf")) for b, g in gm_or_dict.items()}
     return _write_one(gm_or_dict, writable(path, "save_gguf"))
 
 
 def gguf_metadata(path: Union[str, "os.PathLike[str]"]) -> dict[str, Any]:
-    """The ``general.*`` and ``fxquant.*`` string metadata of a ``.gguf`` file (JSON values decoded).
+    """The ``general.*`` and ``fxquant.*`` metadata of a ``.gguf`` file written by `save_gguf`, after
+    verifying the file's structure and digests (`gguf_file.verify_gguf`); JSON values decoded.
 
     Raises:
-        FormatError: ``path`` is not a GGUF file written by `save_gguf`.
+        FormatError: ``path`` is not a well-formed GGUF file, a key or tensor does not match its
+            digest (naming it), a JSON value is malformed, or the file was not written by `save_gguf`.
     """
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise FormatError(f"{os.fspath(path)}: not a readable GGUF file ({e})") from None
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith(("general.", "fxquant.")):
-            out[key] = field.contents()
-    for key in ("fxquant.recipe", "fxquant.model_config", "fxquant.linears"):
+    g = read_gguf(path)
+    if "fxquant.version" not in g.kv:
+        raise FormatError(f"{g.path}: no fxquant.version key; this file was not written by fxquant.save_gguf")
+    verify_gguf(g)
+    out = {k: (v[1] if v[0] != ARRAY else v[1][1]) for k, v in g.kv.items() if k.startswith(("general.", "fxquant."))}
+    for key in ("fxquant.recipe", "fxquant.model_config", "fxquant.linears", TENSOR_DIGESTS, METADATA_DIGESTS):
         if key in out:
-            out[key] = json.loads(out[key])
-    if "fxquant.version" not in out:
-        raise FormatError(f"{os.fspath(path)}: no fxquant.version key; this file was not written by fxquant.save_gguf")
+            out[key] = decoded(g, key)
     return out

@@ -30,16 +30,15 @@ from typing import Any, Mapping, Union
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
-from safetensors import SafetensorError
 from torch._export.serde import serialize as serde
 
 from .. import meta
 from ..errors import FormatError, FxquantError, describe
-from .common import PathLike, fspath, writable
+from .common import PathLike, atomic_path, fspath, writable
 from ..passes.inline_autocast import InlineAutocast
 from .export import export_program
 from .manifest import (DIGESTS_KEY, FORMAT, FORMAT_VERSION, MANIFEST_KEY, SAFETENSORS_DTYPE, SINGLE, check_manifest,
-                       digests, entry, find_entry, read_header, sha256)
+                       digests, entry, find_entry, read_header, sha256, write_safetensors)
 from .common import version
 
 
@@ -61,8 +60,6 @@ def save(model: Union[fx.GraphModule, Mapping[str, fx.GraphModule]], path: PathL
     Example:
         >>> fxquant.save(fxquant.compile(model, "int8-w8a8", calibration=xs), "model.safetensors")  # doctest: +SKIP
     """
-    from safetensors.torch import save_file
-
     path = writable(path, "save")
     is_dict = isinstance(model, Mapping)
     branches = dict(model) if is_dict else {SINGLE: model}
@@ -107,15 +104,8 @@ def save(model: Union[fx.GraphModule, Mapping[str, fx.GraphModule]], path: PathL
                                       "schema_version": list(serde.SCHEMA_VERSION), "tensors": entries}
     text = json.dumps(manifest, sort_keys=True)
     digested = json.dumps(digests(json.loads(text)), sort_keys=True)
-    tmp = f"{path}.partial"  # never leave a half-written artifact under the real name
-    try:
-        save_file(tensors, tmp, metadata={MANIFEST_KEY: text, DIGESTS_KEY: digested})
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as e:  # the folder vanished or is read-only, a full disk
-        raise FormatError(f"save: cannot write {path}: {getattr(e, 'strerror', None) or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path, "save") as tmp:  # a full disk raises OSError here: FormatError, old file kept
+        write_safetensors(tmp, tensors, {MANIFEST_KEY: text, DIGESTS_KEY: digested})
 
 
 def load(path: PathLike) -> Union[fx.GraphModule, dict[str, fx.GraphModule]]:
@@ -172,7 +162,7 @@ def _build(path: str, name: str, br: dict[str, Any], tensors: dict[str, torch.Te
     program = bytes(tensors[f"{name}/program"].numpy())
     try:
         sp = serde._bytes_to_dataclass(serde.ExportedProgram, program)
-        _import_output_types(sp)
+        import_output_types(sp)
         ep = serde.ExportedProgramDeserializer().deserialize(sp, state, constants, None)
         gm = InlineAutocast()(ep.module()).graph_module  # as after tracing: torch.compile needs it
     except Exception as e:  # noqa: BLE001 - a program torch cannot rebuild is a format problem here
@@ -199,7 +189,7 @@ def _record_json(raw: Any) -> Any:
         return raw
 
 
-def _import_output_types(sp: Any) -> None:
+def import_output_types(sp: Any) -> None:
     """Import the installed modules that define the program's pytree types (e.g. diffusers' output
     dataclass registers itself as a pytree node on import); torch cannot rebuild the specs otherwise."""
     names: set[str] = set()

@@ -35,6 +35,31 @@ SAFETENSORS_DTYPE = dict(zip(DTYPES, ("F64", "F32", "F16", "BF16", "I64", "I32",
 
 
 
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file with a deterministic layout: header keys sorted, tensors in name order.
+
+    safetensors' own writer orders the metadata keys by a randomly seeded hash map, so the same
+    tensors would give different bytes from one process to the next. The layout (8-byte header
+    length, JSON header padded with spaces to 8 bytes, contiguous data) is the format's spec.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    start = 0
+    for key in sorted(tensors):
+        t = tensors[key]
+        n = t.numel() * t.element_size()
+        header[key] = {"dtype": SAFETENSORS_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [start, start + n]}
+        start += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for key in sorted(tensors):
+            t = tensors[key].detach().cpu().contiguous()
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
 def entry(kind: str, fqn: str, t: torch.Tensor) -> dict[str, Any]:
     return {"kind": kind, "fqn": fqn, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
             "sha256": sha256(t)}
@@ -83,7 +108,7 @@ def read_header(path: str) -> dict[str, Any]:
             raw = f.read(n) if n is not None and n <= size - 8 else None
     except OSError as e:  # missing file, a directory, no permission
         raise FormatError(f"{path}: cannot read: {e.strerror or e}") from None
-    for magic, what in ((b"PK\x03\x04", "a zip archive (a torch.export .pt2? load it with torch.export.load)"),
+    for magic, what in ((b"PK\x03\x04", "a zip archive (a .pt2? load it with fxquant.load_pt2)"),
                         (b"GGUF", "a GGUF file (see fxquant.integrations.diffusers.load_gguf)")):
         if head.startswith(magic):
             raise FormatError(f"{path}: not an fxquant artifact: it is {what}")

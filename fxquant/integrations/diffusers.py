@@ -21,6 +21,7 @@ directory. Nothing is fetched from the Hub.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import tempfile
@@ -28,7 +29,7 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 
-from ..errors import FormatError
+from ..errors import FormatError, MissingDependencyError
 from ..artifacts.gguf import gguf_metadata
 
 SUPPORTED = ("Ideogram4Transformer2DModel",)
@@ -98,12 +99,18 @@ def load_gguf(path: Union[str, "os.PathLike[str]"], config: Optional[Union[str, 
         The diffusers model (eval mode); quantized linears are ``GGUFLinear`` holding the file's bytes.
 
     Raises:
-        FormatError: not an fxquant GGUF, an unsupported model class, no config given or recorded,
-            or tensor names that are not the model's.
+        FormatError: not an fxquant GGUF, a malformed file or one whose key or tensor does not match
+            its digest (naming it), an unsupported model class, no config given or recorded, or
+            tensor names that are not the model's. A GGUF without fxquant digests loads with a warning.
+        MissingDependencyError: diffusers, accelerate or gguf-py is not installed.
     """
+    md = gguf_metadata(path)  # the file's structure and digests, before diffusers reads a byte
+    for package in ("diffusers", "accelerate", "gguf"):  # diffusers' GGUF quantizer needs all three
+        if importlib.util.find_spec(package) is None:
+            raise MissingDependencyError(f"load_gguf needs {package}, which is not installed: pip install {package} "
+                                         "(or pip install 'fxquant[diffusers]')")
     from diffusers import GGUFQuantizationConfig
 
-    md = gguf_metadata(path)
     cls = _model_class(md.get("fxquant.model_class", md.get("general.architecture", "")))
     with contextlib.ExitStack() as stack:
         if config is None:

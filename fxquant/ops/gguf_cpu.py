@@ -15,8 +15,8 @@ with two such broadcasts runs 6x slower). The arithmetic is the decoders' own, s
 the same bits: Q8_0 ``d * q`` (exact), Q4_K ``(d * sc) * q`` (exact) minus ``dmin * m``, one rounding.
 
 Q4_K stores sub-block 2g in the low nibbles and 2g+1 in the high nibbles of byte group g: the
-two nibble passes write contiguous runs, and the float32 conversion interleaves them back into
-the natural order, so the GEMM sees the same weight matrix (and sums in the same order) as
+two nibble passes write contiguous runs, and a ``torch.stack`` (a memcpy-speed copy) interleaves
+them back into the natural order, so the GEMM sees the same weight matrix (and sums in the same order) as
 ``reference_linear_gguf``; tiling by output rows does not change any output element's sum.
 """
 
@@ -74,12 +74,14 @@ class _Tiles:
         elems, nbytes = BLOCKS[qtype]
         nb = rows * cols // elems
         self.qtype, self.dtype = qtype, dtype
-        self.nib = torch.empty(nb, 2, 128, dtype=torch.uint8) if qtype == "q4_k" else None
+        if qtype == "q4_k":
+            self.lo, self.hi = torch.empty(nb, 128, dtype=torch.uint8), torch.empty(nb, 128, dtype=torch.uint8)
+            self.nat = torch.empty(nb, 4, 2, 32, dtype=torch.uint8)
         self.f32 = torch.empty(rows * cols, dtype=torch.float32)
         self.out = None if dtype == torch.float32 else torch.empty(rows * cols, dtype=dtype)
 
     def decode(self, blocks: Tensor) -> Tensor:
-        """Decode ``blocks`` [n, block_bytes] to a flat tile in the activation dtype (tile order)."""
+        """Decode ``blocks`` [n, block_bytes] to a flat tile in the activation dtype (row-major weights)."""
         n = blocks.shape[0]
         scale, minus = _scales(self.qtype, blocks)
         f = self.f32[: n * BLOCKS[self.qtype][0]]
@@ -89,11 +91,14 @@ class _Tiles:
             fv.mul_(scale)
         else:
             raw = blocks[:, 16:]  # rows of 128 contiguous bytes: read in place
-            nib = self.nib[:n]
-            torch.bitwise_and(raw, 15, out=nib[:, 0])
-            torch.bitwise_right_shift(raw, 4, out=nib[:, 1])
-            fv = f.view(n, 4, 2, 32)  # natural order: sub-block 2g + h = nibble h of byte group g
-            fv.copy_(nib.view(n, 2, 4, 32).transpose(1, 2))
+            lo, hi, nat = self.lo[:n], self.hi[:n], self.nat[:n]
+            torch.bitwise_and(raw, 15, out=lo)
+            torch.bitwise_right_shift(raw, 4, out=hi)
+            # natural order: sub-block 2g + h = nibble h of byte group g; stack is a memcpy-speed
+            # interleave, and the conversion after it reads contiguous bytes
+            torch.stack((lo.view(n, 4, 32), hi.view(n, 4, 32)), dim=2, out=nat)
+            fv = f.view(n, 4, 2, 32)
+            fv.copy_(nat)
             fv.mul_(scale).sub_(minus)
         if self.out is None:
             return f

@@ -27,10 +27,11 @@ from torch import Tensor
 
 from ._triton_common import cast_rtne, interpreting
 
-INT8_MAX = 127.0
-SCALE_EPS = torch.finfo(torch.float32).eps
+# Kernel constants are tl.constexpr: compiled kernels may read no other globals (the interpreter would).
+INT8_MAX = tl.constexpr(127.0)
+SCALE_EPS = tl.constexpr(torch.finfo(torch.float32).eps)
 # 1.5 * 2**23: adding and subtracting it rounds a float32 with |v| < 2**22 half to even (IEEE add).
-_RINT_MAGIC = 12582912.0
+_RINT_MAGIC = tl.constexpr(12582912.0)
 
 # Tile configs for DiT shapes: large tiles for M >= 1024, narrower M tiles for short sequences.
 _DIT_CONFIGS = [

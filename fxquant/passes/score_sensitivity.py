@@ -141,7 +141,6 @@ class ScoreSensitivity(FxquantPass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         t0 = time.perf_counter()
-        self._cache: dict[fx.Node, tuple] = {}
         recs = meta.records(gm)
         if all(r.sensitivity is not None for _, r in recs):  # scored before (a second run): nothing to do
             return PassResult(gm, False)
@@ -164,16 +163,14 @@ class ScoreSensitivity(FxquantPass):
         for (node, _), err, rank in zip(recs, errors, ranks):
             meta.update(node, sensitivity=meta.Sensitivity(err, rank, local[node]))
         self.seconds = time.perf_counter() - t0
-        self._cache = {}
         log.info("%s: %d linears, %d forward passes (%d input(s) in %d batch(es)) in %.1f s", self.name, len(recs),
                  self.forwards, len(idx), len(inputs), self.seconds)
         return PassResult(gm, False)
 
     def _quantized(self, gm: fx.GraphModule, node: fx.Node, rec: meta.LinearRecord):
-        """The int8 weight, its scale and the activation multiplier the lowering would use (cached per call)."""
-        if node not in self._cache:
-            self._cache[node] = self._quantize(gm, node, rec)
-        return self._cache[node]
+        """The int8 weight, its scale and the activation multiplier the lowering would use. Not cached:
+        at full size the int8 copies of every weight would be 9.3 GB; quantizing twice costs little."""
+        return self._quantize(gm, node, rec)
 
     def _quantize(self, gm: fx.GraphModule, node: fx.Node, rec: meta.LinearRecord):
         w = graph.weight(gm, node).detach().float()

@@ -99,3 +99,23 @@ def test_preconditions():
     LowerW8A8()(gm)
     code = gm.code
     assert RoundGPTQ(calib())(gm).modified is False and gm.code == code  # lowered linears are declined
+
+
+def test_second_run_changes_nothing_and_the_pipeline_places_it_before_the_lowering():
+    from fxquant import pipeline
+    from fxquant.passes.fold_smoothing import FoldSmoothing
+    from fxquant.passes.lower_w8a8 import LowerW8A8 as Lower
+    from fxquant.passes.score_sensitivity import ScoreSensitivity
+    from fxquant.recipe import Recipe
+
+    _, gm = traced()
+    SelectSchemes(SelectOptions())(gm)
+    assert RoundGPTQ(calib())(gm).modified is True
+    w = gm.fc1.weight.clone()
+    assert RoundGPTQ(calib())(gm).modified is False  # the pinned weights are their own GPTQ result
+    assert torch.equal(gm.fc1.weight, w)
+    names = [type(p) for p in pipeline.build(Recipe.preset("int8-w8a8"), calib()).passes]
+    assert names.index(FoldSmoothing) < names.index(RoundGPTQ) < names.index(Lower)
+    assert ScoreSensitivity in names
+    paper = [type(p) for p in pipeline.build(Recipe.preset("int8-w8a8-paper"), calib()).passes]
+    assert RoundGPTQ not in paper and ScoreSensitivity not in paper

@@ -177,8 +177,11 @@ class FoldSmoothing(FxquantPass):
         for pf in fold.params:
             self._deferred.add(pf.target, s_target, pf.dims, pf.start, pf.shift, True)
             claimed.append(pf)
+        weights = {str(n.args[1].target): r.name for n, r in recs.items()}  # linear weight -> module
+        rows = tuple((weights[pf.target], pf.start) for pf in fold.params if pf.target in weights)
         for m in members:
-            meta.update(m, smoothing=meta.Smoothing(fold.kind, fold.target_name, alpha, names))
+            meta.update(m, smoothing=meta.Smoothing(fold.kind, fold.target_name, alpha, names,
+                                                    vector=s.detach().float().cpu(), scaled_rows=rows))
         return True
 
     def _fuse(self, gm, node: fx.Node, rec: meta.LinearRecord, sample) -> bool:
