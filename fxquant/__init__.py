@@ -3,6 +3,7 @@
 from . import ops as _ops  # noqa: F401  (registers the fxquant:: custom ops)
 from .api import Summary, SummaryRow, compile, summary
 from .calibrate import record_inputs
+from .observe import Observed, observe
 from .ladder import Ladder, LadderPoint, protection_ladder
 from .errors import (CalibrationError, FormatError, FxquantError, LoraError, MissingDependencyError, PassError, RecipeError,
                      TraceError)
@@ -24,7 +25,7 @@ __all__ = [
     "compile", "summary", "Summary", "SummaryRow", "Recipe", "LayerRule", "SchemeRule", "Scheme", "SelectionKind",
     "DecidedBy", "SmoothingTarget", "MisalignedPolicy", "FxquantError", "RecipeError", "TraceError", "CalibrationError", "PassError",
     "FormatError", "MissingDependencyError", "__version__", "save_gguf", "GGUFReport", "save", "load", "save_pt2", "load_pt2", "export_program",
-    "record_inputs", "protection_ladder", "Ladder", "LadderPoint", "report",
+    "record_inputs", "observe", "Observed", "protection_ladder", "Ladder", "LadderPoint", "report",
     "LoraError", "LoraWeights", "apply_lora", "remove_lora", "set_lora_scale", "lora_adapters", "load_lora",
     "merge_lora", "QuantizedModule", "quantize_pipeline", "save_pipeline", "load_pipeline",
 ]

@@ -23,6 +23,8 @@ from .signature import CallSpec
 from .recipe import Recipe, resolve
 from .schemes import Scheme, SelectionKind
 from .artifacts.export import describe_inputs
+from .observe import Observed
+from .ownership import own_tensors, take_ownership
 from .branches import as_branches, unless_dict
 from .trace import check_calibration, trace
 
@@ -33,6 +35,7 @@ def compile(
     model: Union[torch.nn.Module, Mapping[str, torch.nn.Module]],
     recipe: RecipeLike,
     calibration: Union[Sequence[Any], Mapping[str, Sequence[Any]], None] = None,
+    consume: bool = False,
     dump_dir: Union[str, "os.PathLike[str]", None] = None,
     *,
     lora: Any = None,
@@ -45,8 +48,15 @@ def compile(
         recipe: a `Recipe`, a preset name (``"int8-w8a8"``, ``"int8-w8a8-paper"``, ``"w8a8-naive"``, ``"q4_k"``, ``"q8_0"``)
             or a path to a recipe JSON file.
         calibration: a sequence of example inputs (each a dict of keyword arguments or a tuple of
-            positional ones); the first is the tracing example. For a dict of branches, a dict with
-            the same keys, so each branch is calibrated on the inputs it really sees.
+            positional ones); the first is the tracing example. Or what `fxquant.observe` gathered
+            while the model ran (streamed statistics, nothing re-run). For a dict of branches, a
+            dict with the same keys, so each branch is calibrated on the inputs it really sees.
+        consume: take the model's weights instead of sharing them: each float weight is freed
+            as soon as it is lowered, so the peak stays near the float model's size (see
+            docs/memory.md). The model is left as an empty shell (meta tensors); do not use it
+            afterwards. Default False: the model is untouched and the compiled module clones
+            what stays float (biases, norms, protected linears), so later in-place changes to
+            the model never reach it.
         dump_dir: if set, ``gm.code`` after every pass is written there (a sub-folder per branch).
             Progress goes to the ``fxquant`` logger.
         lora: merge-before-quantize: a LoRA (file, folder, state dict or `LoraWeights`) merged
@@ -57,8 +67,8 @@ def compile(
 
     Returns:
         A `QuantizedModule` (a ``torch.fx.GraphModule``) with the module's call signature, output
-        type, ``.config``, ``.dtype``, ``.device`` and ``.to()`` (or a dict of them). The input
-        modules are not modified.
+        type, ``.config``, ``.dtype``, ``.device`` and ``.to()`` (or a dict of them). It shares no
+        tensor with the input modules, which are not modified (unless ``consume``).
 
     Raises:
         RecipeError, CalibrationError, TraceError, PassError, LoraError (``lora``: as `fxquant.merge_lora`).
@@ -81,13 +91,16 @@ def compile(
         )
     if is_dict and set(calibration) != set(models):
         raise CalibrationError(f"compile: calibration keys {sorted(calibration)} do not match branch keys {sorted(models)}")
-    out = {name: _compile_one(m, recipe, calibration[name] if is_dict else calibration, name, dump_dir)
+    out = {name: _compile_one(m, recipe, calibration[name] if is_dict else calibration, name, dump_dir, consume)
            for name, m in models.items()}
     return unless_dict(out, is_dict)
 
 
-def _compile_one(model: torch.nn.Module, recipe: Recipe, calibration: Any, branch: str, dump_dir: Any) -> QuantizedModule:
+def _compile_one(model: torch.nn.Module, recipe: Recipe, calibration: Any, branch: str, dump_dir: Any,
+                 consume: bool = False) -> QuantizedModule:
     where = f"calibration[{branch!r}]" if branch else "calibration"
+    if isinstance(calibration, Observed) and not len(calibration):
+        raise CalibrationError(f"{where}: fxquant.observe saw no call of the module; run the model inside the with-block")
     examples = check_calibration(calibration, where)
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
@@ -96,16 +109,23 @@ def _compile_one(model: torch.nn.Module, recipe: Recipe, calibration: Any, branc
         examples = [call.canonical(x, f"{where}[{i}]") for i, x in enumerate(examples)]
     if dump_dir is not None and branch:
         dump_dir = os.path.join(os.fspath(dump_dir), branch)
-    passes = pipeline.build(recipe, examples, branch, dump_dir)
+    # Statistics streamed by fxquant.observe go to the passes as they are (nothing is re-run).
+    passes = pipeline.build(recipe, calibration if isinstance(calibration, Observed) else examples, branch, dump_dir)
     gm = trace(model, examples[0])
     marked = dtypes.mark(gm, model, examples[0])
     meta.set_graph_record(gm, meta.GraphRecord(
         recipe=recipe.to_dict(), branch=branch, **_model_facts(model), example_inputs=describe_inputs(examples[0]),
         call=call.to_json() if call else None, compute_dtype=str(dtypes.compute_dtype(model)).removeprefix("torch."),
         dtype_marks=marked))
+    config = getattr(model, "config", None) if callable(getattr(model, "to_json_string", None)) else None
+    if consume:
+        take_ownership(model)
     with torch.no_grad():
-        gm = module.adopt(passes(gm))
-    module.set_config(gm, getattr(model, "config", None) if callable(getattr(model, "to_json_string", None)) else None)
+        gm = passes(gm)
+        if not consume:
+            own_tensors(gm, model)
+    gm = module.adopt(gm)
+    module.set_config(gm, config)
     return gm
 
 

@@ -71,6 +71,16 @@ def timestep_of(fn: Any, args: tuple, kwargs: dict, where: str) -> Optional[floa
     return None
 
 
+# record_inputs' default memory budget. At Ideogram 4's real settings (1024x1024, 2048 text
+# tokens, 53248-wide LLM features, bf16) one call is about 1.8 GiB, and the default max_items=64
+# would keep over 100 GiB: the budget stops that with an error instead.
+DEFAULT_MAX_BYTES = 4 << 30
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor))
+
+
 def _to_cpu(x: Any) -> Any:
     # clone: a denoising loop may update its latents in place after the call.
     return torch.utils._pytree.tree_map(
@@ -85,9 +95,11 @@ class Recorder(Sequence):
     seen, recorded or not.
     """
 
-    def __init__(self, module: torch.nn.Module, max_items: int) -> None:
+    def __init__(self, module: torch.nn.Module, max_items: int, max_bytes: int = 0) -> None:
         self._module = module
         self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.nbytes = 0  # bytes of the items kept now
         self.items: list[Any] = []
         self.timesteps: list[Optional[float]] = []
         self.call_indices: list[int] = []
@@ -116,10 +128,18 @@ class Recorder(Sequence):
             # spread over the whole trajectory (not just its first steps) at bounded memory.
             keep = slice(0, None, 2)
             self.items, self.timesteps, self.call_indices = self.items[keep], self.timesteps[keep], self.call_indices[keep]
+            self.nbytes = sum(_nbytes(it) for it in self.items)
             self.stride *= 2
             if i % self.stride:
                 return
         where = f"record_inputs({type(module).__name__}) call {i}"
+        size = _nbytes((args, kwargs))
+        if self.nbytes + size > self.max_bytes:
+            raise CalibrationError(
+                f"{where}: keeping this call's inputs ({size / 2**20:.1f} MiB) would hold "
+                f"{(self.nbytes + size) / 2**20:.1f} MiB, over the budget max_bytes={self.max_bytes} "
+                f"({self.max_bytes / 2**30:.2f} GiB) with {len(self.items)} item(s) kept; use fxquant.observe(module) "
+                "to stream statistics without keeping inputs, or lower max_items / raise max_bytes")
         named = bind_arguments(module.forward, args, kwargs)
         if named is None:
             if kwargs:
@@ -129,6 +149,7 @@ class Recorder(Sequence):
         else:
             item = _to_cpu(named)
         self.items.append(item)
+        self.nbytes += size
         self.timesteps.append(timestep_of(module.forward, args, kwargs, where))
         self.call_indices.append(i)
 
@@ -142,12 +163,16 @@ class record_inputs:  # noqa: N801 - used as a context manager, reads like a fun
         max_items: the most inputs kept. Beyond it, every other kept input is dropped and only
             every 2nd (then 4th, ...) call is recorded, so the items stay evenly spread over all
             calls: a 50-step loop with ``max_items=8`` keeps calls 0, 8, 16, ..., 48.
+        max_bytes: the most bytes of tensors kept (default 4 GiB, `DEFAULT_MAX_BYTES`). A call
+            whose inputs would exceed it raises a `CalibrationError` naming the call and the
+            budget, never a silent 100 GiB; `fxquant.observe` streams statistics instead.
 
     Returns (on ``__enter__``):
         A `Recorder`: a sequence of keyword-argument dicts on the CPU, with ``.timesteps``.
 
     Raises:
-        CalibrationError: ``max_items`` < 1, or a call whose arguments cannot be bound.
+        CalibrationError: ``max_items`` < 1, ``max_bytes`` < 1, a call whose arguments cannot be
+            bound, or inputs over ``max_bytes``.
 
     Example:
         >>> with fxquant.record_inputs(model, max_items=4) as rec:  # doctest: +SKIP
@@ -156,12 +181,14 @@ class record_inputs:  # noqa: N801 - used as a context manager, reads like a fun
         >>> gm = fxquant.compile(model, recipe, calibration=rec)  # doctest: +SKIP
     """
 
-    def __init__(self, module: torch.nn.Module, max_items: int = 64) -> None:
+    def __init__(self, module: torch.nn.Module, max_items: int = 64, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if not isinstance(module, torch.nn.Module):
             raise CalibrationError(f"record_inputs: expected an nn.Module, got {type(module).__name__}")
         if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 1:
             raise CalibrationError(f"record_inputs: max_items must be an integer >= 1, got {max_items!r}")
-        self.recorder = Recorder(module, max_items)
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+            raise CalibrationError(f"record_inputs: max_bytes must be an integer >= 1, got {max_bytes!r}")
+        self.recorder = Recorder(module, max_items, max_bytes)
         self._handle: Any = None
 
     def __enter__(self) -> Recorder:

@@ -9,9 +9,11 @@ import torch
 import torch.fx as fx
 
 from .errors import CalibrationError, PassError
+from .ops import fold as _fold  # noqa: F401 - registers fxquant::scale_param
 from .trace import as_args_kwargs
 
 LINEAR = torch.ops.aten.linear.default
+SCALE_PARAM = torch.ops.fxquant.scale_param.default
 
 
 def is_linear(node: fx.Node) -> bool:
@@ -46,8 +48,74 @@ def module_name(node: fx.Node) -> str | None:
 
 
 def weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
-    """The weight tensor a linear node reads (the node must have a record: its weight is a parameter)."""
-    return get_attr(gm, str(node.args[1].target))
+    """The effective weight a linear node reads (the node must have a record: its weight is a
+    parameter, possibly behind ``fxquant::scale_param`` folds, which are computed here: a new
+    tensor of one layer, never a copy of the model)."""
+    return param_value(gm, node.args[1])
+
+
+def param_value(gm: torch.nn.Module, arg: fx.Node) -> torch.Tensor:
+    """The value of a ``get_attr`` node, or of a chain of ``fxquant::scale_param`` over one."""
+    if arg.op == "get_attr":
+        return get_attr(gm, str(arg.target))
+    if arg.op == "call_function" and arg.target is SCALE_PARAM:
+        p, s, *rest = arg.args
+        return _fold.scale_region(param_value(gm, p), param_value(gm, s), *rest)
+    raise PassError(f"expected a parameter (get_attr or fxquant::scale_param over one), found {arg.format_node()}")
+
+
+def root_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The parameter under a linear's weight (before any fold): its shape and dtype, no copy."""
+    return get_attr(gm, str(param_root(node.args[1]).target))
+
+
+def weight_rows(gm: fx.GraphModule, node: fx.Node, fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+                slice_elems: int = 1 << 22) -> tuple[torch.Tensor, ...]:
+    """``fn`` applied to the effective weight of a linear a slice of rows at a time, its outputs
+    (each with the slice's rows in dim 0) assembled into whole tensors.
+
+    For row-wise codecs (per-channel int8, GGUF blocks) this is bit-identical to ``fn(weight(gm,
+    node))`` and never holds a full float copy of the weight: the folds are computed per slice.
+
+    Example:
+        >>> q, scale = graph.weight_rows(gm, node, quantize_weight_per_channel)  # doctest: +SKIP
+    """
+    chain, arg = [], node.args[1]
+    while arg.op == "call_function" and arg.target is SCALE_PARAM:
+        chain.append(arg)
+        arg = arg.args[0]
+    base = get_attr(gm, str(arg.target))
+    folds = [(param_value(gm, c.args[1]), *c.args[2:]) for c in reversed(chain)]
+    step = max(1, slice_elems // max(1, base[0].numel()))
+    outs: list[torch.Tensor] = []
+    for i in range(0, base.shape[0], step):
+        block = base[i:i + step]
+        for s, dims, start, shift, divide in folds:
+            block = _fold.scale_rows(block, s, dims, start, shift, divide, i, base.ndim)
+        parts = fn(block)
+        if not outs:
+            outs = [torch.empty((base.shape[0], *p.shape[1:]), dtype=p.dtype, device=p.device) for p in parts]
+        for o, p in zip(outs, parts):
+            o[i:i + step] = p
+    return tuple(outs)
+
+
+def set_weight(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> None:
+    """Make the linear ``node`` read ``value`` as its weight: the parameter under its fold chain is
+    replaced (a new tensor, never in place) and the chain, now computed, is dropped."""
+    arg = node.args[1]
+    root = param_root(arg)
+    set_parameter(gm, str(root.target), value)
+    if arg is not root:
+        node.update_arg(1, root)
+        release_unused(gm, [arg])
+
+
+def param_root(arg: fx.Node) -> fx.Node:
+    """The ``get_attr`` node under a chain of ``fxquant::scale_param`` (``arg`` itself if none)."""
+    while arg.op == "call_function" and arg.target is SCALE_PARAM:
+        arg = arg.args[0]
+    return arg
 
 
 def bias_arg(node: fx.Node) -> Optional[fx.Node]:
@@ -105,13 +173,42 @@ def replace_node(gm: fx.GraphModule, node: fx.Node, target: Callable[..., Any], 
     ``source_fn_stack`` (where it came from, which names layers), ``fxquant`` and ``custom`` (the
     typed record and its JSON mirror, which survives export). The rewriting pass then updates the
     record's own field (``lowering``) through `meta.update`, which keeps the mirror in step.
-    """
+
+    Weights the old node read and nothing reads any more are dropped at once (`release_unused`),
+    so a lowering frees each float weight it replaces layer by layer (when fxquant owns it: see
+    ``compile(consume=True)``), not at the end of the pass."""
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(target, args, kwargs or {})
     new.meta.update({k: v for k, v in node.meta.items()})
     node.replace_all_uses_with(new)
+    inputs = list(node.all_input_nodes)
     gm.graph.erase_node(node)
+    release_unused(gm, inputs)
     return new
+
+
+def release_unused(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+    """Erase the ``get_attr`` / ``fxquant::scale_param`` nodes among ``nodes`` (and below them)
+    that nothing reads, and delete a parameter or buffer once no ``get_attr`` node names it."""
+    todo = list(nodes)
+    while todo:
+        n = todo.pop()
+        if getattr(n, "_erased", False) or n.users or not (n.op == "get_attr" or n.target is SCALE_PARAM):
+            continue
+        todo += list(n.all_input_nodes)
+        target = str(n.target) if n.op == "get_attr" else None
+        gm.graph.erase_node(n)
+        if target is not None and not any(m.op == "get_attr" and m.target == target for m in gm.graph.nodes):
+            _delete_attr(gm, target)
+
+
+def _delete_attr(gm: torch.nn.Module, target: str) -> None:
+    owner, _, leaf = target.rpartition(".")
+    mod = gm.get_submodule(owner) if owner else gm
+    if leaf in mod._parameters:
+        del mod._parameters[leaf]
+    elif leaf in mod._buffers:
+        del mod._buffers[leaf]
 
 
 def remove_unused_attrs(gm: fx.GraphModule) -> list[str]:

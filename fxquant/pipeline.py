@@ -3,6 +3,7 @@
     analysis:  find_linears -> [collect_stats -> [score_fragility] -> [score_sensitivity]]
     decide:    select_schemes                       (one Scheme per linear, from the recipe)
     rewrite:   [fold_smoothing] -> [round_gptq] -> the lowering of every scheme the recipe uses (LOWERINGS)
+               -> [materialize_folds]
 
 Bracketed passes run only when the recipe needs them: calibration statistics for SmoothQuant or
 top-k protection, fragility scores for top-k, folding for SmoothQuant. Each lowering pass owns
@@ -41,6 +42,7 @@ from .passes.fold_smoothing import FoldSmoothing
 from .passes.keep_float import KeepFloat
 from .passes.lower_gguf import LowerGGUF
 from .passes.lower_w8a8 import LowerW8A8
+from .passes.materialize_folds import MaterializeFolds
 from .passes.round_gptq import RoundGPTQ
 from .passes.score_fragility import ScoreFragility
 from .passes.score_sensitivity import ScoreSensitivity
@@ -167,6 +169,8 @@ def build(recipe: Recipe, calibration: Sequence[Any] | None = None, label: str =
     if recipe.gptq:
         rewrite.append(RoundGPTQ(calibration, recipe.gptq_damp))
     rewrite += lowerings(recipe)
+    if recipe.smoothquant:
+        rewrite.append(MaterializeFolds())  # after every lowering: bakes what stays float
     return Pipeline([Phase(ANALYSIS, tuple(analysis)), Phase(DECIDE, (SelectSchemes(SelectOptions.of(recipe)),)),
                      Phase(REWRITE, tuple(rewrite))], dump_dir)
 

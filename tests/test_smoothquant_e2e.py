@@ -13,6 +13,7 @@ from fxquant import meta, pipeline
 from fxquant.models import ideogram4_inputs, ideogram4_trajectory, reduced_ideogram4
 from fxquant.graph import linear_nodes, module_name, set_parameter
 from fxquant.passes.fold_smoothing import FoldSmoothing
+from fxquant.passes.materialize_folds import MaterializeFolds
 from fxquant.passes.fold_smoothing.fold_targets import FoldFinder
 from fxquant.passes.fold_smoothing.smoothing import apply_param_fold
 from fxquant.trace import trace
@@ -30,8 +31,8 @@ def folded(model, calibration, recipe=SQ_ONLY):
     cut = next(i for i, p in enumerate(passes) if isinstance(p, FoldSmoothing)) + 1
     gm = trace(model, calibration[0])
     meta.set_graph_record(gm, meta.GraphRecord(recipe=recipe.to_dict()))
-    with torch.no_grad():
-        return pipeline.run(gm, passes[:cut])
+    with torch.no_grad():  # materialize_folds bakes the folds fold_smoothing records as ops
+        return pipeline.run(gm, passes[:cut] + [MaterializeFolds()])
 
 
 def targets(gm):

@@ -49,6 +49,8 @@ CPU_SLICE_ELEMS = 1 << 21
 # Narrowest column block, for very long sequences: keeps each GEMM wide enough to run at speed
 # (blocks of 512-4096 columns measured within 3% of the unsliced GEMM).
 MIN_COLUMN_BLOCK = 256
+# Elements per float32 slice when quantizing a weight (16 MiB per temporary).
+WEIGHT_SLICE_ELEMS = 1 << 22
 
 
 def quantize_weight_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -56,9 +58,17 @@ def quantize_weight_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
 
     Returns (int8 weight [out, in], float32 scale [out]); ``w ≈ q * scale[:, None]``.
     """
-    w = w.detach().float()
-    scale = (w.abs().amax(dim=1) / INT8_MAX).clamp(min=SCALE_EPS)
-    q = torch.round(w / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    w = w.detach()
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    # Rows are independent: a slice at a time keeps the float32 temporaries to one slice, not a
+    # copy of a (possibly 245M-parameter) weight.
+    step = max(1, WEIGHT_SLICE_ELEMS // max(1, w[0].numel()))
+    for i in range(0, w.shape[0], step):
+        wf = w[i:i + step].float()
+        sc = (wf.abs().amax(dim=1) / INT8_MAX).clamp(min=SCALE_EPS)
+        q[i:i + step] = torch.round(wf / sc[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+        scale[i:i + step] = sc
     return q, scale
 
 

@@ -61,13 +61,17 @@ def require_records(gm: fx.GraphModule, pass_name: str, field: str | None = None
 def owned_linears(gm: fx.GraphModule, pass_: FxquantPass) -> Iterator[tuple[fx.Node, meta.LinearRecord, torch.Tensor]]:
     """(node, record, float weight) of every not yet lowered linear whose selected scheme the pass owns.
 
+    The weight is the parameter under any ``fxquant::scale_param`` folds (``fold_smoothing``): its
+    shape and dtype, no copy. Quantize the effective weight with `graph.weight_rows` (a slice at a
+    time) or `graph.weight` (whole).
+
     Raises:
         PassError: such a linear's weight is not floating point.
     """
     for node, rec in meta.records(gm):
         if not graph.is_linear(node) or rec.selection is None or rec.selection.scheme not in pass_.schemes:
             continue
-        w = graph.weight(gm, node)
+        w = graph.root_weight(gm, node)
         if not w.is_floating_point():
             raise PassError(f"{pass_.name}: linear {rec.name!r} has a {w.dtype} weight, expected a float weight")
         yield node, rec, w

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
@@ -34,66 +32,13 @@ import torch.fx as fx
 
 from .. import graph, meta
 from ..calibrate import timestep_of
+from ..observe import Observed
+from ..stats import CHUNK, Moments, RunningStats  # noqa: F401 - Moments is part of this pass's API
 from ..errors import CalibrationError, FxquantError, PassError, describe
 from ..trace import as_args_kwargs
 from .base import FxquantPass, PassResult, require_records
 
 log = logging.getLogger("fxquant")
-
-# Elements per float64 chunk: bounds the transient copy of one large activation.
-CHUNK = 1 << 22
-
-
-@dataclass(frozen=True)
-class Moments:
-    """Central moments of a set of numbers: count, mean, and sums of (x - mean)**2, **3, **4."""
-
-    n: int = 0
-    mean: float = 0.0
-    m2: float = 0.0
-    m3: float = 0.0
-    m4: float = 0.0
-    max_abs: float = 0.0
-
-    @staticmethod
-    def of(x: torch.Tensor) -> "Moments":
-        """Exact moments of every element of ``x`` (two-pass per chunk, float64)."""
-        flat = x.detach().reshape(-1)
-        out = Moments()
-        for start in range(0, flat.numel(), CHUNK):
-            c = flat[start:start + CHUNK].double()
-            mean = c.mean()
-            d = c - mean
-            d2 = d * d
-            out = out.merge(Moments(c.numel(), float(mean), float(d2.sum()), float((d2 * d).sum()),
-                                    float((d2 * d2).sum()), float(c.abs().max())))
-        return out
-
-    def merge(self, o: "Moments") -> "Moments":
-        """The moments of the union of two sets (Pébay 2008, eq. 3.1; Chan et al. 1979)."""
-        if o.n == 0:
-            return self
-        if self.n == 0:
-            return o
-        na, nb = self.n, o.n
-        n = na + nb
-        d = o.mean - self.mean
-        m2 = self.m2 + o.m2 + d * d * na * nb / n
-        m3 = (self.m3 + o.m3 + d ** 3 * na * nb * (na - nb) / n ** 2
-              + 3 * d * (na * o.m2 - nb * self.m2) / n)
-        m4 = (self.m4 + o.m4 + d ** 4 * na * nb * (na * na - na * nb + nb * nb) / n ** 3
-              + 6 * d * d * (na * na * o.m2 + nb * nb * self.m2) / n ** 2
-              + 4 * d * (na * o.m3 - nb * self.m3) / n)
-        return Moments(n, self.mean + d * nb / n, m2, m3, m4, max(self.max_abs, o.max_abs))
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(max(self.m2, 0.0) / self.n) if self.n else 0.0
-
-    @property
-    def kurtosis(self) -> float:
-        # A constant input has no tails: nothing for quantization to clip, so it scores 0.
-        return self.n * self.m4 / (self.m2 * self.m2) if self.m2 > 0 else 0.0
 
 
 class _Progress:
@@ -153,32 +98,20 @@ class CollectStats(FxquantPass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         # Linears observed before (a second run, or a graph already rewritten) keep their statistics.
-        linears = {node: rec.name for node, rec in meta.records(gm) if rec.stats is None}
+        linears = {node: rec.key for node, rec in meta.records(gm) if rec.stats is None}
         if not linears:
             return PassResult(gm, False)
-        steps: dict[float, dict[fx.Node, Moments]] = {}  # insertion order = denoising order
-        channel: dict[fx.Node, torch.Tensor] = {}
-        current: dict[str, Any] = {}
-
-        def observe(node: fx.Node, x: torch.Tensor) -> None:
-            if not torch.isfinite(x).all():
-                bad = "NaN" if torch.isnan(x).any() else "Inf"
-                raise CalibrationError(f"{self.name}: {bad} in the input of linear {linears[node]!r} on calibration "
-                                       f"input {current['index']} (timestep {current['t']:g})")
-            acc = current["step"]
-            acc[node] = acc.get(node, Moments()).merge(Moments.of(x))
-            cmax = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
-            channel[node] = torch.maximum(channel[node], cmax) if node in channel else cmax
-
+        if isinstance(self.calibration, Observed):  # gathered while the model ran: nothing to re-run
+            return self._write(gm, linears, self.calibration.stats, self.calibration.calls)
+        running = RunningStats(self.name, lambda node: linears[node])
         readers: dict[fx.Node, list[fx.Node]] = {}  # a linear's input node -> the linears reading it
         for node in linears:
             readers.setdefault(node.args[0], []).append(node)
-        interp = graph.Watch(gm, set(readers), lambda x_node, x: [observe(n, x) for n in readers[x_node]])
+        interp = graph.Watch(gm, set(readers), lambda x_node, x: [running.add(n, x) for n in readers[x_node]])
         progress = _Progress(len(self.calibration), self.label)
         for i, item in enumerate(self.calibration):
             flat, t = flat_inputs(gm, item, f"calibration[{i}]")
-            t = float(i) if t is None else t
-            current.update(index=i, t=t, step=steps.setdefault(t, {}))
+            running.begin(i, t)
             with torch.no_grad():
                 try:
                     interp.run(*flat)
@@ -189,18 +122,15 @@ class CollectStats(FxquantPass):
                         f"{self.name}: calibration[{i}] does not fit the module traced on calibration[0] "
                         f"({describe(e)}); traced inputs: {_describe_placeholders(gm)}") from e
             progress.step(i + 1)
+        return self._write(gm, {n: n for n in linears}, running, len(self.calibration))
 
-        for node, name in linears.items():
-            per_step, total = [], Moments()
-            for t, acc in steps.items():
-                m = acc.get(node)
-                if m is None:  # not reached on this step's inputs (no data, no entry)
-                    continue
-                per_step.append(meta.StepStats(t, m.max_abs, m.std, m.kurtosis))
-                total = total.merge(m)
-            meta.update(node, stats=meta.ActStats(total.max_abs, total.std, total.kurtosis, total.n,
-                                                  tuple(per_step), channel[node]))
+    def _write(self, gm: fx.GraphModule, keys: dict[fx.Node, Any], running: RunningStats, count: int) -> PassResult:
+        for node, key in keys.items():
+            stats = running.result(key)
+            if stats is None:
+                raise CalibrationError(f"{self.name}: linear {meta.get(node).key!r} never ran on the calibration "
+                                       "inputs; no statistics to quantize it with")
+            meta.update(node, stats=stats)
         rec = meta.graph_record(gm) or meta.GraphRecord(recipe={})
-        meta.set_graph_record(gm, dataclasses.replace(rec, num_calibration=len(self.calibration),
-                                                      timesteps=tuple(steps)))
+        meta.set_graph_record(gm, dataclasses.replace(rec, num_calibration=count, timesteps=running.timesteps))
         return PassResult(gm, False)

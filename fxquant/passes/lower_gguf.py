@@ -49,7 +49,8 @@ class LowerGGUF(FxquantPass):
                                 f"{rec.in_features} is not a multiple of the block ({block}); select_schemes "
                                 f"applies the recipe's misaligned policy")
             # The codecs quantize float32 (as llama.cpp does from f16/bf16); new tensor, never in place.
-            packed = torch.from_numpy(codecs.quantize(w.detach().float().cpu().numpy(), qtype)).to(w.device)
+            packed = graph.weight_rows(gm, node, lambda rows: (torch.from_numpy(
+                codecs.quantize(rows.detach().float().cpu().numpy(), qtype)).to(w.device),))[0]
             target = rec.name + QWEIGHT_SUFFIX
             graph.set_buffer(gm, target, packed)
             args = (node.args[0], graph.get_attr_node(gm, target, node), qtype, rec.in_features, graph.bias_arg(node))

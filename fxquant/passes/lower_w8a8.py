@@ -55,7 +55,7 @@ class LowerW8A8(FxquantPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
         for node, rec, w in owned_linears(gm, self):
-            q, scale = ops.quantize_weight_per_channel(w)
+            q, scale = graph.weight_rows(gm, node, ops.quantize_weight_per_channel)  # no full float copy
             graph.set_buffer(gm, f"{rec.name}.weight_int8", q)
             graph.set_buffer(gm, f"{rec.name}.weight_scale", scale)
             x, smooth = fused_smooth(node, rec)

@@ -121,14 +121,14 @@ class RoundGPTQ(FxquantPass):
         users: dict[str, list[fx.Node]] = {}  # weight target -> the quantized linear nodes reading it
         for node, rec in meta.records(gm):
             if graph.is_linear(node) and rec.selection.scheme is Scheme.W8A8:  # lowered nodes are declined
-                users.setdefault(str(node.args[1].target), []).append(node)
+                users.setdefault(str(graph.param_root(node.args[1]).target), []).append(node)
         if not users:
             return PassResult(gm, False)
         self.forwards, modified = 0, False
         for chunk in self._chunks(users):
             hess = self._hessians(gm, {x for t in chunk for n in users[t] for x in [n.args[0]]})
             for target in chunk:
-                w = graph.get_attr(gm, target)
+                w = graph.weight(gm, users[target][0])  # with fold_smoothing's column scaling
                 h = sum(hess[n.args[0]] for n in users[target])
                 codes = gptq_codes(w, h.to(w.device), self.damp)
                 new = pinned_weight(w, codes)
@@ -136,7 +136,8 @@ class RoundGPTQ(FxquantPass):
                 if not torch.equal(got, codes):
                     raise PassError(f"{self.name}: {target}: the pinned weight does not give back the GPTQ codes")
                 if not torch.equal(new, w):  # a second run finds the codes already there: no change
-                    graph.set_parameter(gm, target, new)
+                    for n in users[target]:
+                        graph.set_weight(gm, n, new)
                     modified = True
             del hess
         self.seconds = time.perf_counter() - t0

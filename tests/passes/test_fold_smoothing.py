@@ -23,6 +23,7 @@ from fxquant.graph import LINEAR
 from fxquant.passes.find_linears import FindLinears
 from fxquant.passes.fold_smoothing import FoldSmoothing
 from fxquant.passes.lower_w8a8 import LowerW8A8
+from fxquant.passes.materialize_folds import MaterializeFolds
 from fxquant.passes.select_schemes import SelectOptions, SelectSchemes
 from fxquant.recipe import LayerRule
 from fxquant.trace import trace
@@ -32,6 +33,7 @@ from .util import TwoLinears, count
 
 MUL = torch.ops.aten.mul.Tensor
 W8A8 = torch.ops.fxquant.linear_w8a8.default
+SCALE = torch.ops.fxquant.scale_param.default
 D = 32
 
 
@@ -169,6 +171,13 @@ def prepared(module, protect=(), skip=(), stats=True, select=True):
     return module, gm, calib
 
 
+def folded(gm):
+    """The state dict with every fold computed (fold_smoothing leaves fxquant::scale_param nodes)."""
+    MaterializeFolds()(gm)
+    assert count(gm, SCALE) == 0
+    return gm.state_dict()
+
+
 def smoothing(gm):
     return {r.name: (r.smoothing.target, r.smoothing.target_name) for _, r in meta.records(gm)}
 
@@ -201,12 +210,21 @@ def test_each_fold_kind_keeps_the_float_function(cls, expected):
     assert res.modified
     got = smoothing(gm)
     assert {k: got[k] for k in expected} == expected
-    # Folds add no node; each fused linear adds one mul and one get_attr.
+    # Each fused linear adds one mul and one get_attr; each folded parameter is read through one
+    # fxquant::scale_param (and a get_attr of its group vector) until materialize_folds bakes it.
     n_fused = sum(1 for t, _ in got.values() if t == "fused")
-    assert len(gm.graph.nodes) == n_nodes + 2 * n_fused and count(gm, MUL) == n_mul + n_fused
+    n_scale = count(gm, SCALE)
+    assert n_scale > 0 and len(gm.graph.nodes) == n_nodes + 2 * n_fused + 2 * n_scale
+    assert count(gm, MUL) == n_mul + n_fused
     x = _inputs(module, seed=7, batch=3, tokens=5)
     with torch.no_grad():
-        torch.testing.assert_close(gm(*x), module(*x), rtol=1e-5, atol=1e-5)
+        y = gm(*x)
+        torch.testing.assert_close(y, module(*x), rtol=1e-5, atol=1e-5)
+    folded(gm)
+    assert len(gm.graph.nodes) == n_nodes + 2 * n_fused
+    assert not [k for k in gm.state_dict() if k.endswith(".smooth_vector")]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*x), y, rtol=0, atol=0)  # baking changes no value
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())  # caller's model untouched
 
 
@@ -216,7 +234,7 @@ def test_norm_fold_matches_smoothquant_reference_and_torchao_vector():
     x_max = measured_stats(module, calib)["fc"]
     s = torchao_s([module.fc.weight], x_max, 0.5)
     FoldSmoothing(alpha=0.5)(gm)
-    sd = gm.state_dict()
+    sd = folded(gm)
     torch.testing.assert_close(sd["ln.weight"], module.ln.weight / s, rtol=1e-5, atol=0)
     torch.testing.assert_close(sd["ln.bias"], module.ln.bias / s, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(sd["fc.weight"], module.fc.weight * s, rtol=1e-5, atol=0)
@@ -228,7 +246,7 @@ def test_group_shares_one_vector_from_all_its_weights():
     x_max = measured_stats(module, calib)["to_q"]
     s = torchao_s([module.to_q.weight, module.to_k.weight, module.to_v.weight], x_max, 0.8)
     FoldSmoothing(alpha=0.8)(gm)
-    sd = gm.state_dict()
+    sd = folded(gm)
     torch.testing.assert_close(sd["norm.weight"], module.norm.weight / s, rtol=1e-5, atol=0)
     for k in ("to_q", "to_k", "to_v"):
         torch.testing.assert_close(sd[f"{k}.weight"], getattr(module, k).weight * s, rtol=1e-5, atol=0)
@@ -242,7 +260,7 @@ def test_adaln_fold_rescales_rows_and_bias():
     x_max = measured_stats(module, calib)["linear"]
     s = torchao_s([module.linear.weight], x_max, 0.5)
     FoldSmoothing(alpha=0.5)(gm)
-    sd = gm.state_dict()
+    sd = folded(gm)
     mod_w = sd["mod.weight"] * sd["mod.smooth"][None, :] if "mod.smooth" in sd else sd["mod.weight"]
     # mod is itself fused-smoothed (columns * s_mod): undo that to see the row fold alone.
     torch.testing.assert_close(mod_w, module.mod.weight / s[:, None], rtol=1e-5, atol=1e-7)
@@ -314,13 +332,14 @@ def test_skipped_linears_stay_untouched():
     FoldSmoothing(alpha=0.5)(gm)
     got = smoothing(gm)
     assert got["w2"][0] == "fused" and got["w3"][0] == "none"  # w3 may not take w2's rows
-    assert torch.equal(gm.state_dict()["w3.weight"], module.w3.weight)
+    assert torch.equal(folded(gm)["w3.weight"], module.w3.weight)
     module, gm, _ = prepared(NormQKV(), skip=("to_k",))
     FoldSmoothing(alpha=0.5)(gm)
     got = smoothing(gm)
     assert got["to_q"][0] == got["to_v"][0] == "fused" and got["to_k"][0] == "none"
-    assert torch.equal(gm.state_dict()["norm.weight"], module.norm.weight)
-    assert torch.equal(gm.state_dict()["to_k.weight"], module.to_k.weight)
+    sd = folded(gm)
+    assert torch.equal(sd["norm.weight"], module.norm.weight)
+    assert torch.equal(sd["to_k.weight"], module.to_k.weight)
 
 
 def test_protected_group_member_is_compensated_exactly():
@@ -397,7 +416,7 @@ def test_downstream_groups_first_so_each_vector_sees_the_final_weights():
     module, gm, calib = prepared(NormSwiGLU())
     FoldSmoothing(alpha=0.5)(gm)
     assert smoothing(gm)["w2"] == ("linear", "w3") and smoothing(gm)["w1"] == ("norm", "norm")
-    sd = gm.state_dict()
+    sd = folded(gm)
     s13 = module.norm.weight / sd["norm.weight"]
     s2 = sd["w2.weight"][0] / module.w2.weight[0]
     w3_after_w2 = module.w3.weight / s2[:, None]  # what w2's fold leaves in w3, before w1/w3's columns
@@ -466,7 +485,7 @@ def test_overlapping_regions_of_one_parameter():
 def test_bfloat16_model_folds_within_bf16_tolerance():
     module, gm, _ = prepared(NormQKV().to(torch.bfloat16))
     FoldSmoothing(alpha=0.5)(gm)
-    assert gm.state_dict()["norm.weight"].dtype == torch.bfloat16
+    assert folded(gm)["norm.weight"].dtype == torch.bfloat16
     x = _inputs(module, seed=2)
     with torch.no_grad():
         ref = module(*x)

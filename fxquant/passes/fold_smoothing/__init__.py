@@ -10,9 +10,21 @@ Their weight columns are multiplied by s; 1/s goes to the first place that can t
     linear:  to_out(sdpa(q, k, to_v(x)))                   ->  to_v rows / s;  to_out columns * s   (w3 -> w2 alike)
     fused:   linear(x, W)                                  ->  linear(mul(x, get_attr[l.smooth] = 1/s), W*s)
 
-None of the first three adds a node; the float graph computes the same function. A fused
+None of the first three adds an activation op; the float graph computes the same function. A fused
 vector is private to its linear (computed from its own weights) and ``lower_w8a8`` moves the
 multiply into the W8A8 op's activation quantization.
+
+No smoothed weight is materialized here (that would be a second float copy of the model): each
+changed parameter is read through ``fxquant::scale_param`` nodes over the original and one
+float32 buffer ``<first member>.smooth_vector`` = s per group,
+
+    linear(x, get_attr[W])  ->  linear(x, scale_param(get_attr[W], get_attr[g.smooth_vector], [1], 0, 0.0, False))
+    mul(n, get_attr[norm.w]) -> mul(n, scale_param(get_attr[norm.w], get_attr[g.smooth_vector], [0], 0, 0.0, True))
+
+and the lowering computes one layer's effective weight at a time (`fxquant.graph.weight`);
+``materialize_folds`` bakes what stays float. Within the pass, decided folds wait in a table
+(read through `_Deferred.value`) and join the graph at the end, so the fold finder always walks
+the graph as traced.
 
 Order: groups are smoothed downstream first, so each vector is computed on its group's final
 weights (a fold only writes upstream of the group it serves).
@@ -35,9 +47,11 @@ import torch.fx as fx
 
 from ... import graph, meta
 from ...errors import PassError, RecipeError
+from ...observe import Observed
+from ...ops.fold import scale_region, scale_rows
 from ...schemes import SelectionKind, info
 from .fold_targets import FoldFinder
-from .smoothing import Fold, ParamFold, apply_param_fold, overlapping, search_alpha, smoothing_vector
+from .smoothing import Fold, ParamFold, overlapping, search_alpha, smoothing_vector
 from ..base import FxquantPass, PassResult, require_records
 
 
@@ -100,6 +114,9 @@ class FoldSmoothing(FxquantPass):
                                 f"expected ({r.in_features},)")
         if self.options.alpha_search and not self.calibration:
             raise PassError(f"{self.name}: alpha_search needs the calibration inputs")
+        if self.options.alpha_search and isinstance(self.calibration, Observed) and not self.calibration.samples:
+            raise PassError(f"{self.name}: alpha_search needs raw activation rows, and fxquant.observe kept none; "
+                            "observe with search_tokens > 0 (e.g. observe(module, search_tokens=512))")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         # Linears that already have a smoothing record (a second run) or were lowered are declined.
@@ -113,8 +130,9 @@ class FoldSmoothing(FxquantPass):
         frozen = {str(a.target) for n in skipped | shared for a in n.args[1:3] if isinstance(a, fx.Node)}
         finder = FoldFinder(gm, frozen)
         wanted = [x for x, ms in groups.items() if any(_smoothed(recs[m]) for m in ms)]
-        samples = self._capture(gm, wanted) if self.options.alpha_search else {}
+        samples = self._samples(gm, wanted, groups, recs) if self.options.alpha_search else {}
         claimed: list[ParamFold] = []  # what earlier groups folded into: a later group must not refold it
+        self._deferred = _Deferred(gm)
         modified = False
         # Downstream groups first: a fold writes only into parameters upstream of its group's input
         # (w2's vector into w3's rows, to_out's into to_v's), so every group's max|W_j| and alpha
@@ -135,6 +153,8 @@ class FoldSmoothing(FxquantPass):
                     modified |= self._fuse(gm, m, recs[m], samples.get(x))
                 else:
                     meta.update(m, smoothing=meta.Smoothing("none", group=(recs[m].name,)))
+        self._deferred.emit()
+        self._deferred = None
         if modified:
             graph.finalize(gm)
         return PassResult(gm, modified)
@@ -142,19 +162,20 @@ class FoldSmoothing(FxquantPass):
     # ---------------------------------------------------------------- rewrites
 
     def _fold(self, gm, fold: Fold, members, quant, recs, sample, claimed) -> bool:
-        ws = [_weight(gm, m) for m in quant]
-        act = torch.stack([recs[m].stats.channel_max_abs.float().to(ws[0].device) for m in quant]).amax(0)
+        w_max = torch.stack([self._deferred.col_absmax(m) for m in quant]).amax(0)
+        act = torch.stack([recs[m].stats.channel_max_abs.float().to(w_max.device) for m in quant]).amax(0)
         names = tuple(recs[m].name for m in members)
-        alpha = self._alpha(act, ws, sample, names[0])
-        s = smoothing_vector(act, torch.stack([w.abs().amax(0) for w in ws]).amax(0), alpha, names[0])
+        alpha = self._alpha(act, quant, sample, names[0])
+        s = smoothing_vector(act, w_max, alpha, names[0])
         if bool((s == 1).all()):  # nothing to migrate: leave the graph as it is
             for m in members:
                 meta.update(m, smoothing=meta.Smoothing("none", group=names))
             return False
+        s_target = self._deferred.vector(names[0], s)
         for m in members:
-            _scale_columns(gm, m, s)
+            self._deferred.add(str(m.args[1].target), s_target, (1,), 0, 0.0, False)
         for pf in fold.params:
-            graph.set_parameter(gm, pf.target, apply_param_fold(graph.get_attr(gm, pf.target), pf, s))
+            self._deferred.add(pf.target, s_target, pf.dims, pf.start, pf.shift, True)
             claimed.append(pf)
         weights = {str(n.args[1].target): r.name for n, r in recs.items()}  # linear weight -> module
         rows = tuple((weights[pf.target], pf.start) for pf in fold.params if pf.target in weights)
@@ -164,16 +185,17 @@ class FoldSmoothing(FxquantPass):
         return True
 
     def _fuse(self, gm, node: fx.Node, rec: meta.LinearRecord, sample) -> bool:
-        w = _weight(gm, node)
-        act = rec.stats.channel_max_abs.float().to(w.device)
-        alpha = self._alpha(act, [w], sample, rec.name)
-        s = smoothing_vector(act, w.abs().amax(0), alpha, rec.name)
+        w_max = self._deferred.col_absmax(node)
+        act = rec.stats.channel_max_abs.float().to(w_max.device)
+        alpha = self._alpha(act, [node], sample, rec.name)
+        s = smoothing_vector(act, w_max, alpha, rec.name)
+        dtype_w = graph.root_weight(gm, node).dtype
         if bool((s == 1).all()):
             meta.update(node, smoothing=meta.Smoothing("none", group=(rec.name,)))
             return False
         x = node.args[0]
         xval = x.meta.get("val")
-        dtype = xval.dtype if isinstance(xval, torch.Tensor) else w.dtype
+        dtype = xval.dtype if isinstance(xval, torch.Tensor) else dtype_w
         target = f"{rec.name}.smooth"
         graph.set_buffer(gm, target, (1.0 / s).to(dtype))
         with gm.graph.inserting_before(node):
@@ -184,17 +206,25 @@ class FoldSmoothing(FxquantPass):
         if "nn_module_stack" in node.meta:
             mul.meta["nn_module_stack"] = dict(node.meta["nn_module_stack"])
         node.update_arg(0, mul)
-        _scale_columns(gm, node, s)
+        self._deferred.add(str(node.args[1].target), self._deferred.vector(rec.name, s), (1,), 0, 0.0, False)
         meta.update(node, smoothing=meta.Smoothing("fused", rec.name, alpha, (rec.name,)))
         return True
 
     # ---------------------------------------------------------------- alpha search
 
-    def _alpha(self, act: torch.Tensor, weights: list[torch.Tensor], sample: Optional[torch.Tensor], where: str) -> float:
+    def _alpha(self, act: torch.Tensor, linears: list[fx.Node], sample: Optional[torch.Tensor], where: str) -> float:
         """The fixed alpha, or the candidate minimising the simulated W8A8 error of the group."""
         if not self.options.alpha_search or sample is None:
             return self.options.alpha
+        weights = [self._deferred.weight(m) for m in linears]  # the search needs whole weights
         return search_alpha(act, weights, sample, self.options.alpha_search, where)
+
+    def _samples(self, gm, wanted, groups, recs) -> dict[fx.Node, torch.Tensor]:
+        """Input rows per group: kept by `fxquant.observe` while the model ran, else captured here."""
+        if not isinstance(self.calibration, Observed):
+            return self._capture(gm, wanted)
+        rows = {x: self.calibration.sample(recs[groups[x][0]].key) for x in wanted}
+        return {x: r[: self.options.search_tokens] for x, r in rows.items() if r is not None}
 
     def _capture(self, gm: fx.GraphModule, wanted: list[fx.Node]) -> dict[fx.Node, torch.Tensor]:
         """Up to ``search_tokens`` evenly spaced input rows of each group, over the calibration set."""
@@ -220,10 +250,63 @@ def _smoothed(rec: meta.LinearRecord) -> bool:
     return info(rec.selection.scheme).quantized_activations
 
 
-def _weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
-    return graph.weight(gm, node)
+class _Deferred:
+    """The folds one run of the pass decided, in order, per parameter target; joined to the graph
+    as ``fxquant::scale_param`` chains by `emit` (see the module docstring)."""
 
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.todo: dict[str, list[tuple[str, tuple[int, ...], int, float, bool]]] = {}
 
-def _scale_columns(gm: fx.GraphModule, node: fx.Node, s: torch.Tensor) -> None:
-    w = _weight(gm, node)
-    graph.set_parameter(gm, str(node.args[1].target), (w.detach().float() * s[None, :]).to(w.dtype))
+    def vector(self, group: str, s: torch.Tensor) -> str:
+        """Register ``s`` (float32) as the group's ``smooth_vector`` buffer; returns its target."""
+        target = f"{group}.smooth_vector"
+        graph.set_buffer(self.gm, target, s.detach().float())
+        return target
+
+    def add(self, target: str, s_target: str, dims: tuple[int, ...], start: int, shift: float, divide: bool) -> None:
+        self.todo.setdefault(target, []).append((s_target, tuple(dims), start, shift, divide))
+
+    def value(self, target: str) -> torch.Tensor:
+        """The parameter as the folds decided so far make it (the original if none: no copy)."""
+        v = graph.get_attr(self.gm, target)
+        for s_target, dims, start, shift, divide in self.todo.get(target, ()):
+            v = scale_region(v, graph.get_attr(self.gm, s_target), list(dims), start, shift, divide)
+        return v
+
+    def weight(self, node: fx.Node) -> torch.Tensor:
+        return self.value(str(node.args[1].target))
+
+    def col_absmax(self, node: fx.Node, slice_elems: int = 1 << 22) -> torch.Tensor:
+        """max |W| per input channel of a linear's weight as the folds so far make it, computed a
+        slice of rows at a time (no full-size copy of the weight or of |W|)."""
+        target = str(node.args[1].target)
+        base = graph.get_attr(self.gm, target)
+        folds = [(graph.get_attr(self.gm, s_t), *rest) for s_t, *rest in self.todo.get(target, ())]
+        step = max(1, slice_elems // max(1, base[0].numel()))
+        out = None
+        for i in range(0, base.shape[0], step):
+            block = base[i:i + step]
+            for s, dims, start, shift, divide in folds:
+                block = scale_rows(block, s, list(dims), start, shift, divide, i, base.ndim)
+            m = block.abs().amax(0)
+            out = m if out is None else torch.maximum(out, m)
+        return out
+
+    def emit(self) -> None:
+        g = self.gm.graph
+        for target, folds in self.todo.items():
+            for attr in [n for n in g.nodes if n.op == "get_attr" and n.target == target]:
+                users = list(attr.users)
+                if not users:
+                    continue
+                head = attr
+                first = min(users, key=lambda u: list(g.nodes).index(u)) if len(users) > 1 else users[0]
+                with g.inserting_before(first):
+                    for s_target, dims, start, shift, divide in folds:
+                        sv = g.get_attr(s_target)
+                        head = g.call_function(graph.SCALE_PARAM, (head, sv, list(dims), start, shift, divide))
+                        if "val" in attr.meta:
+                            head.meta["val"] = attr.meta["val"]
+                for u in users:
+                    u.replace_input_with(attr, head)

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from ...errors import CalibrationError
+from ...ops.fold import scale_region
 from ...ops.w8a8 import quantize_act_per_token, quantize_weight_per_channel
 
 # s is clamped to [1/MAX_SCALE, MAX_SCALE]: a channel that is (near) zero in the calibration data
@@ -69,24 +70,10 @@ class Fold:
 
 
 def apply_param_fold(p: torch.Tensor, f: ParamFold, s: torch.Tensor) -> torch.Tensor:
-    """A new tensor: ``p`` with ``1/s`` folded in as `ParamFold` ``f`` describes (``p`` is untouched)."""
-    q = p.detach().float().clone()
-    c = len(s)
-    if len(f.dims) == 1:
-        region = q.narrow(f.dims[0], f.start, c)
-        shape = [1] * q.ndim
-        shape[f.dims[0]] = c
-        region.copy_((region + f.shift) / s.view(shape) - f.shift)
-    else:
-        sizes = [q.shape[d] for d in f.dims]
-        sv = s.view(sizes)
-        order = sorted(range(len(f.dims)), key=lambda i: f.dims[i])
-        shape = [1] * q.ndim
-        for i in order:
-            shape[f.dims[i]] = sizes[i]
-        sv = sv.permute(order).reshape(shape)
-        q = (q + f.shift) / sv - f.shift
-    return q.to(p.dtype)
+    """A new tensor: ``p`` with ``1/s`` folded in as `ParamFold` ``f`` describes (``p`` is untouched).
+
+    The same computation as the ``fxquant::scale_param`` node ``fold_smoothing`` leaves in the graph."""
+    return scale_region(p, s, list(f.dims), f.start, f.shift, True)
 
 
 def overlapping(params: Sequence[ParamFold], channels: int, others: Sequence[ParamFold] = ()) -> bool:

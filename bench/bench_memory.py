@@ -1,0 +1,226 @@
+"""Peak memory of `fxquant.compile` by phase, at Ideogram 4's real widths in bfloat16.
+
+    .venv/bin/python bench/bench_memory.py                    # 2 and 4 layers, int8-w8a8, shared and consume
+    .venv/bin/python bench/bench_memory.py --layers 2 --recipes int8-w8a8 w8a8-naive
+
+Each configuration runs in a fresh subprocess (peak RSS is a per-process number): build a seeded
+`Ideogram4Transformer2DModel` with `fxquant.models.IDEOGRAM4_FULL` widths (hidden 4608, SwiGLU
+12288, LLM features 53248) and ``--layers`` blocks directly in bfloat16, make ``--items``
+calibration inputs of ``--tokens`` tokens (batch 1), then call the real ``fxquant.compile``
+(top-k protection ranked by fragility unless ``--protect-by`` says otherwise: ranking by
+sensitivity runs 1 + L forwards of the model, which is time, not a different memory pattern).
+A sampling thread reads the process RSS every millisecond; the phase it is charged to is the pass
+running (each pass's ``__call__`` is wrapped to name itself):
+
+    trace      torch.export until the first pass
+    stats      find_linears, collect_stats, score_fragility, select_protected
+    smoothing  fold_smoothing
+    lowering   lower_w8a8 / lower_gguf, materialize_folds, and owning what stays float
+
+Numbers are RSS above the process's RSS just before the model was built (Python, torch and the
+calibration inputs), so they compare with tensor bytes: ``input`` is the float model's parameter
+and buffer bytes, ``output`` the compiled module's. Targets (issue 10): ``shared`` peak <=
+input + output + 10% of input; ``consume`` peak <= 1.25 x input. The 34-layer line extrapolates
+linearly from the 2- and 4-layer runs (every block is the same size). Time per billion parameters
+is the whole ``compile`` over the model's parameter count; the machine is shared with other jobs
+(load average recorded), so times are indicative.
+
+Prints a table and writes ``bench/results/memory.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "memory.json"
+PHASES = {"find_linears": "stats", "collect_stats": "stats", "score_fragility": "stats", "select_protected": "stats",
+          "select_schemes": "stats", "fold_smoothing": "smoothing"}
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class Sampler(threading.Thread):
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.phase, self.peaks, self.stop = "setup", {}, False
+
+    def run(self) -> None:
+        while not self.stop:
+            r = _rss()
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), r)
+            time.sleep(0.001)
+
+    def enter(self, phase: str) -> None:
+        r = _rss()
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), r)
+        self.phase = phase
+        self.peaks[phase] = max(self.peaks.get(phase, 0), r)
+
+
+def build(layers: int, seed: int = 0):
+    import torch
+    from diffusers.models.transformers.transformer_ideogram4 import Ideogram4Transformer2DModel
+
+    from fxquant.models import IDEOGRAM4_FULL
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # never a float32 copy of the weights
+    try:
+        torch.manual_seed(seed)
+        model = Ideogram4Transformer2DModel(**{**IDEOGRAM4_FULL, "num_layers": layers})
+    finally:
+        torch.set_default_dtype(old)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.ndim == 1 and not name.endswith(("norm_q.weight", "norm_k.weight")):
+                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=gen).abs())
+    return model.eval()
+
+
+def child(args: argparse.Namespace) -> dict:
+    import torch
+
+    import fxquant
+    from fxquant.models import ideogram4_inputs
+    from fxquant.passes.base import FxquantPass
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    text = max(1, args.tokens - 196)
+    calib = [ideogram4_inputs(batch=1, text_len=text, image_hw=(14, 14), timestep=(i + 0.5) / args.items, seed=i,
+                              in_channels=128, llm_features_dim=53248, dtype=torch.bfloat16) for i in range(args.items)]
+    sampler = Sampler()
+    base = _rss()
+    sampler.start()
+    t0 = time.perf_counter()
+    sampler.enter("build")
+    model = build(args.layers)
+    t_build = time.perf_counter() - t0
+    nparams = sum(p.numel() for p in model.parameters())
+    input_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+    original = FxquantPass.__call__
+
+    def named_call(self, gm):
+        sampler.enter(PHASES.get(self.name, "lowering"))
+        return original(self, gm)
+
+    FxquantPass.__call__ = named_call
+    sampler.enter("trace")
+    t0 = time.perf_counter()
+    recipe = fxquant.Recipe.preset(args.recipe)
+    if args.protect_by and recipe.protect_top_k:
+        recipe = recipe.replace(protect_by=args.protect_by)
+    gm = fxquant.compile(model, recipe, calibration=calib, consume=args.mode == "consume")
+    t_compile = time.perf_counter() - t0
+    sampler.enter("done")
+    time.sleep(0.01)
+    sampler.stop = True
+    sampler.join()
+    FxquantPass.__call__ = original
+    output_bytes = sum(t.numel() * t.element_size() for t in list(gm.parameters()) + list(gm.buffers()))
+    counts = fxquant.summary(gm).counts()
+    peaks = {k: v - base for k, v in sampler.peaks.items()}
+    compile_peak = max(peaks.get(p, 0) for p in ("trace", "stats", "smoothing", "lowering"))
+    return dict(layers=args.layers, recipe=args.recipe, protect_by=str(getattr(recipe.protect_by, "value", "")), mode=args.mode, tokens=args.tokens, items=args.items,
+                params=nparams, input_bytes=input_bytes, output_bytes=output_bytes, baseline_rss=base,
+                peaks=peaks, compile_peak=compile_peak, build_s=t_build, compile_s=t_compile,
+                s_per_billion=t_compile / (nparams / 1e9), counts=counts, loadavg=os.getloadavg())
+
+
+def target(r: dict) -> tuple[float, bool]:
+    if r["mode"] == "consume":
+        limit = 1.25 * r["input_bytes"]
+    else:
+        limit = r["input_bytes"] + r["output_bytes"] + 0.10 * r["input_bytes"]
+    return limit, r["compile_peak"] <= limit
+
+
+def extrapolate(rows: list[dict], layers: int = 34) -> list[dict]:
+    out = []
+    keys = {(r["recipe"], r["mode"]) for r in rows}
+    for recipe, mode in sorted(keys):
+        pts = sorted((r for r in rows if (r["recipe"], r["mode"]) == (recipe, mode)), key=lambda r: r["layers"])
+        if len(pts) < 2 or pts[0]["layers"] == pts[-1]["layers"]:
+            continue
+        a, b = pts[0], pts[-1]
+
+        def lin(key, sub=None):
+            va = a[key] if sub is None else a[key][sub]
+            vb = b[key] if sub is None else b[key][sub]
+            return vb + (vb - va) / (b["layers"] - a["layers"]) * (layers - b["layers"])
+
+        est = dict(layers=layers, recipe=recipe, mode=mode, params=lin("params"), input_bytes=lin("input_bytes"),
+                   output_bytes=lin("output_bytes"), compile_peak=lin("compile_peak"),
+                   peaks={p: lin("peaks", p) for p in ("trace", "stats", "smoothing", "lowering")},
+                   s_per_billion=lin("compile_s") / (lin("params") / 1e9), extrapolated=True)
+        out.append(est)
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    gb = 1e9
+    head = (f"{'layers':>6} {'recipe':<11} {'mode':<8} {'params':>7} {'input':>7} {'output':>7} {'trace':>7} "
+            f"{'stats':>7} {'smooth':>7} {'lower':>7} {'peak':>7} {'/input':>6} {'target':>7} {'met':>4} {'s/B':>6}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        limit, ok = target(r)
+        p = r["peaks"]
+        lines.append(
+            f"{r['layers']:>6} {r['recipe']:<11} {r['mode']:<8} {r['params'] / 1e9:>6.2f}B {r['input_bytes'] / gb:>6.2f}G "
+            f"{r['output_bytes'] / gb:>6.2f}G " + " ".join(f"{p.get(k, 0) / gb:>6.2f}G" for k in ("trace", "stats", "smoothing", "lowering"))
+            + f" {r['compile_peak'] / gb:>6.2f}G {r['compile_peak'] / r['input_bytes']:>5.2f}x {limit / gb:>6.2f}G"
+            f" {'yes' if ok else 'NO':>4} {r['s_per_billion']:>6.1f}" + ("  (extrapolated)" if r.get("extrapolated") else ""))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--recipes", nargs="+", default=["int8-w8a8-paper"])
+    ap.add_argument("--modes", nargs="+", default=["shared", "consume"], choices=["shared", "consume"])
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--items", type=int, default=4)
+    ap.add_argument("--protect-by", default="fragility", help="ranking for top-k protection ('' keeps the preset's; "
+                    "sensitivity costs 1 + L forwards, too slow for a shared machine at these widths)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--recipe", default="int8-w8a8", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="shared", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        args.layers = args.layers[0]
+        print(json.dumps(child(args)))
+        return
+    rows = []
+    for layers in args.layers:
+        for recipe in args.recipes:
+            for mode in args.modes:
+                cmd = [sys.executable, __file__, "--child", "--layers", str(layers), "--recipe", recipe, "--mode", mode,
+                       "--tokens", str(args.tokens), "--items", str(args.items), "--protect-by", args.protect_by]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(f"  measured {layers} layers {recipe} {mode}: peak {rows[-1]['compile_peak'] / 1e9:.2f} GB", file=sys.stderr)
+    rows += extrapolate(rows)
+    for r in rows:
+        r["target_bytes"], r["target_met"] = target(r)
+    print(table(rows))
+    print(f"load average {os.getloadavg()}; RSS above the pre-build baseline; G = 1e9 bytes")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"rows": rows, "loadavg": os.getloadavg(), "cpus": os.cpu_count()}, indent=1))
+    os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()
