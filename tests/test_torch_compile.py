@@ -108,3 +108,24 @@ def test_inductor_matches_eager(modules):
             out, ref = compiled(**x)[0], module(**x)[0]
             float_ref = modules["float"](**x, return_dict=False)[0]
         assert rel_err(out, ref) < 0.1 * rel_err(ref, float_ref)
+
+
+def test_drop_in_module_call_forms_compile_once_each(modules):
+    """What compile returns takes the source model's call forms; each form is one graph, not one
+    per shape: keyword (output dataclass), ``return_dict=False`` (tuple), positional."""
+    module = modules["int8-w8a8-loaded"]
+    names = ["hidden_states", "timestep", "encoder_hidden_states", "position_ids", "segment_ids", "indicator"]
+    forms = {"keyword": lambda f, x: f(**x), "tuple": lambda f, x: f(**x, return_dict=False),
+             "positional": lambda f, x: f(*[x[k] for k in names])}
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(module, fullgraph=True, dynamic=True, backend=counter)
+    for batch, text_len in SHAPES:
+        x = ideogram4_inputs(batch=batch, text_len=text_len, seed=text_len)
+        for call in forms.values():
+            with torch.no_grad():
+                out, ref = call(compiled, x), call(module, x)
+            assert type(out) is type(ref)
+            torch.testing.assert_close(out[0], ref[0], rtol=0, atol=0)
+    assert type(forms["keyword"](module, x)).__name__ == "Transformer2DModelOutput"
+    assert counter.frame_count == len(forms)
