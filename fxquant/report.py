@@ -24,6 +24,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch.fx as fx
 
 from . import meta
+from .branches import as_branches
 from .artifacts.common import atomic_write, fspath
 from .errors import FormatError, FxquantError, MissingDependencyError
 from .ladder import Ladder
@@ -250,9 +251,9 @@ def report(gm: GraphLike, path: Union[str, "os.PathLike[str]"],
     Example:
         >>> fxquant.report(gm, "report/", ladder=fxquant.protection_ladder(model, [0, 2, 4], cal, held))  # doctest: +SKIP
     """
-    branches = dict(gm) if isinstance(gm, Mapping) else {"": gm}
+    branches, is_dict = as_branches(gm, "report")
     ladders = dict(ladder) if isinstance(ladder, Mapping) else ({"": ladder} if ladder is not None else {})
-    if isinstance(gm, Mapping) and ladder is not None and not isinstance(ladder, Mapping):
+    if is_dict and ladder is not None and not isinstance(ladder, Mapping):
         raise FxquantError("report: gm is a dict of branches; give ladder as a dict with the same keys")
     if set(ladders) - set(branches):
         raise FxquantError(f"report: ladder keys {sorted(ladders)} are not branches of gm ({sorted(branches)})")

@@ -35,6 +35,7 @@ import torch
 import torch.fx as fx
 
 from .. import codecs, graph, meta
+from ..branches import as_branches
 from ..errors import FormatError, FxquantError, MissingDependencyError
 from .common import atomic_path, fspath, version, writable
 from .gguf_file import ARRAY, METADATA_DIGESTS, TENSOR_DIGESTS, decoded, read_gguf, value_digest, verify_gguf
@@ -218,10 +219,9 @@ def save_gguf(gm_or_dict: Union[fx.GraphModule, Mapping[str, fx.GraphModule]],
         >>> gm = fxquant.compile(model, "q4_k", calibration=[inputs])  # doctest: +SKIP
         >>> print(fxquant.save_gguf(gm, "ideogram4-q4_k.gguf"))        # doctest: +SKIP
     """
-    if isinstance(gm_or_dict, Mapping):
-        if not gm_or_dict:
-            raise FxquantError("save_gguf: the dict of branches is empty")
-        bad = [b for b in gm_or_dict if not isinstance(b, str) or not b or os.sep in b or b in (".", "..")]
+    branches, is_dict = as_branches(gm_or_dict, "save_gguf")
+    if is_dict:
+        bad = [b for b in branches if os.sep in b or b in (".", "..")]
         if bad:
             raise FxquantError(f"save_gguf: branch names {bad} cannot be file names")
         folder = fspath(path, "save_gguf")
@@ -232,8 +232,8 @@ def save_gguf(gm_or_dict: Union[fx.GraphModule, Mapping[str, fx.GraphModule]],
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
             raise FormatError(f"save_gguf: cannot create the folder {folder}: {e.strerror or e}") from None
-        return {b: _write_one(g, os.path.join(folder, f"{b}.gguf")) for b, g in gm_or_dict.items()}
-    return _write_one(gm_or_dict, writable(path, "save_gguf"))
+        return {b: _write_one(g, os.path.join(folder, f"{b}.gguf")) for b, g in branches.items()}
+    return _write_one(branches[""], writable(path, "save_gguf"))
 
 
 def gguf_metadata(path: Union[str, "os.PathLike[str]"]) -> dict[str, Any]:
