@@ -217,12 +217,7 @@ def remove_unused_attrs(gm: fx.GraphModule) -> list[str]:
     removed = []
     for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
         if name not in used:
-            owner, _, leaf = name.rpartition(".")
-            mod = gm.get_submodule(owner) if owner else gm
-            if leaf in mod._parameters:
-                del mod._parameters[leaf]
-            elif leaf in mod._buffers:
-                del mod._buffers[leaf]
+            _delete_attr(gm, name)
             removed.append(name)
     return removed
 
