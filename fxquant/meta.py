@@ -141,6 +141,25 @@ class Smoothing:
 
 
 @dataclass(frozen=True)
+class Rounding:
+    """Written by ``round_gptq`` for a linear selected ``q4_k`` / ``q8_0``: its weight was replaced by
+    GPTQ's values on the fixed grid ``grid``, the block headers (`fxquant.codecs.grid`: uint8
+    ``[out_features, blocks * header_bytes]``) the reference encoder computed from the original
+    weight. ``lower_gguf`` encodes the weight on that grid (`fxquant.codecs.quantize_on_grid`) and,
+    once the bytes hold it, keeps the record without the grid (the one field a second pass
+    touches, so that the compiled module does not carry 0.5 bit per weight twice). The grid is not
+    mirrored to JSON. (W8A8 needs no record: its pinned weight gives back its own scale.)
+    """
+
+    method: str = "gptq"
+    damp: float = 0.0
+    grid: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, "damp": self.damp}
+
+
+@dataclass(frozen=True)
 class Lowering:
     """Written by the lowering pass that owns the linear's scheme (``lower_w8a8``, ``lower_gguf``, ``keep_float``)."""
 
@@ -176,6 +195,7 @@ class LinearRecord:
     sensitivity: Optional[Sensitivity] = None  # score_sensitivity
     selection: Optional[Selection] = None  # select_schemes
     smoothing: Optional[Smoothing] = None  # fold_smoothing
+    rounding: Optional[Rounding] = None  # round_gptq (GGUF schemes; lower_gguf drops its grid)
     lowering: Optional[Lowering] = None  # the lowering pass owning selection.scheme
 
     @property
@@ -188,7 +208,7 @@ class LinearRecord:
                                "out_features": self.out_features, "has_bias": self.has_bias}
         if self.call:
             out["call"] = self.call
-        for f in ("stats", "fragility", "sensitivity", "selection", "smoothing", "lowering"):
+        for f in ("stats", "fragility", "sensitivity", "selection", "smoothing", "rounding", "lowering"):
             v = getattr(self, f)
             if v is not None:
                 out[f] = v.to_json() if hasattr(v, "to_json") else _plain(dataclasses.asdict(v))
@@ -212,6 +232,8 @@ class LinearRecord:
             kw["selection"] = _selection_from_json(d["selection"], kw.get("lowering"))
         if "smoothing" in d:
             kw["smoothing"] = Smoothing.from_json(d["smoothing"])
+        if "rounding" in d:
+            kw["rounding"] = Rounding(**d["rounding"])
         return LinearRecord(**kw)
 
 

@@ -139,6 +139,10 @@ def _enum(cls: type[enum.Enum], value: Any, key: str) -> Any:
         raise RecipeError(f"recipe.{key}: {value!r} is not one of {allowed}") from None
 
 
+# The schemes round_gptq rounds (every quantized weight).
+GPTQ_SCHEMES = frozenset({Scheme.W8A8, Scheme.Q4_K, Scheme.Q8_0})
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How to quantize a diffusion transformer.
@@ -167,7 +171,9 @@ class Recipe:
             ``protect_by="sensitivity"``. 0: no budget.
         protect_budget_bytes: the same budget in bytes (0: none; with both, the smaller binds).
         sensitivity_samples: calibration inputs ``score_sensitivity`` runs on (spread over the trajectory).
-        gptq: GPTQ rounding of the W8A8 linears' int8 weights (Hessian from the calibration inputs).
+        gptq: GPTQ rounding of every quantized weight (Hessian from the calibration inputs): the
+            W8A8 linears' int8 codes on the RTN per-channel scale, and the Q4_K / Q8_0 linears'
+            codes on the block scales (and mins) llama.cpp's reference encoder computes.
         gptq_damp: GPTQ's Hessian damping, a fraction of its mean diagonal.
     """
 
@@ -238,12 +244,12 @@ class Recipe:
         if self.has_budget and self.protect_by is not ProtectBy.SENSITIVITY:
             raise RecipeError("recipe.protect_budget: a float budget is spent by measured sensitivity; "
                               "set protect_by to 'sensitivity'")
-        # score_sensitivity and round_gptq simulate / round W8A8 (int8 weights on the RTN scale).
+        # score_sensitivity simulates W8A8 (int8 weights on the RTN scale).
         if self.protect_by is ProtectBy.SENSITIVITY and self.default is not Scheme.W8A8:
             raise RecipeError(f"recipe.protect_by: sensitivity is measured for W8A8, the default here is {self.default.value}")
-        if self.gptq and Scheme.W8A8 not in self.schemes:
-            raise RecipeError(f"recipe.gptq: GPTQ rounding is implemented for W8A8 int8 weights; this recipe only "
-                              f"uses {sorted(s.value for s in self.schemes)}")
+        if self.gptq and not self.schemes & GPTQ_SCHEMES:
+            raise RecipeError(f"recipe.gptq: GPTQ rounds {sorted(s.value for s in GPTQ_SCHEMES)} weights; this recipe "
+                              f"only uses {sorted(s.value for s in self.schemes)}")
 
     @property
     def has_budget(self) -> bool:

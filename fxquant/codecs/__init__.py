@@ -10,6 +10,15 @@ bit. Rows are independent; a row is ``cols / block_elems`` blocks stored back to
 
 One module per block type (``q4_k.py``, ``q8_0.py``), registered here from the size table
 ``BLOCKS``; there is no other registry.
+
+Fixed grids (GPTQ rounding, `fxquant.passes.round_gptq`): a block's header (Q8_0's ``d``; Q4_K's
+``d``, ``dmin`` and 6-bit scales and mins) fixes the values its codes can take, ``step * q -
+offset``. `grid` cuts the headers out of encoded bytes, `grid_values` gives (step, offset) per
+weight, and `quantize_on_grid` encodes weights with given headers, each code the nearest on that
+grid::
+
+    g = grid(quantize(w, "q4_k"), "q4_k")           # the reference encoder's scales and mins
+    b = quantize_on_grid(w2, g, "q4_k")             # w2's codes on them; decodes to step*q - offset
 """
 
 from __future__ import annotations
@@ -32,7 +41,8 @@ for _name, (_elems, _bytes) in BLOCKS.items():  # the table and the modules must
     if (_MODULES[_name].BLOCK_ELEMS, _MODULES[_name].BLOCK_BYTES) != (_elems, _bytes):
         raise ImportError(f"fxquant.codecs: {_name} module disagrees with BLOCKS[{_name!r}] = {(_elems, _bytes)}")
 
-__all__ = ["BLOCKS", "quantize", "dequantize", "row_bytes", "bits_per_weight"]
+__all__ = ["BLOCKS", "quantize", "dequantize", "row_bytes", "bits_per_weight", "grid", "grid_values",
+           "quantize_on_grid", "code_range"]
 
 
 def _qtype(qtype: Any) -> str:
@@ -65,6 +75,25 @@ def bits_per_weight(qtype: Any) -> float:
     return 8.0 * nbytes / elems
 
 
+def _float_rows(array: Any, who: str) -> np.ndarray:
+    """``array`` as a finite float32 [rows, cols] NumPy array (FormatError otherwise)."""
+    if isinstance(array, Tensor):
+        array = array.detach().cpu()
+        array = array.float().numpy() if array.dtype == torch.bfloat16 else array.numpy()
+    x = np.asarray(array)
+    if x.dtype.kind not in "fiu":
+        raise FormatError(f"fxquant.codecs.{who}: expected a real float array, got dtype {x.dtype}")
+    if x.ndim != 2:
+        raise FormatError(f"fxquant.codecs.{who}: expected a 2-D [rows, cols] array, got shape {x.shape}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        bad = np.argwhere(~np.isfinite(x))
+        raise FormatError(f"fxquant.codecs.{who}: {bad.shape[0]} non-finite value(s) in the {list(x.shape)} "
+                          f"input, first at [row, col] = {bad[0].tolist()}: {x[tuple(bad[0])]}; "
+                          f"GGUF blocks need finite weights")
+    return x
+
+
 def quantize(array: Any, qtype: Any) -> np.ndarray:
     """Encode float weights to GGUF bytes, exactly as llama.cpp's reference quantizer does.
 
@@ -87,22 +116,9 @@ def quantize(array: Any, qtype: Any) -> np.ndarray:
     like llama.cpp does: the stored ``d`` is +inf and such blocks decode to ±inf / NaN.
     """
     key = _qtype(qtype)
-    if isinstance(array, Tensor):
-        array = array.detach().cpu()
-        array = array.float().numpy() if array.dtype == torch.bfloat16 else array.numpy()
-    x = np.asarray(array)
-    if x.dtype.kind not in "fiu":
-        raise FormatError(f"fxquant.codecs.quantize: expected a real float array, got dtype {x.dtype}")
-    if x.ndim != 2:
-        raise FormatError(f"fxquant.codecs.quantize: expected a 2-D [rows, cols] array, got shape {x.shape}")
+    x = _float_rows(array, "quantize")
     rows, cols = x.shape
     rb = row_bytes(key, cols)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
-        bad = np.argwhere(~np.isfinite(x))
-        raise FormatError(f"fxquant.codecs.quantize: {bad.shape[0]} non-finite value(s) in the [{rows}, {cols}] "
-                          f"input, first at [row, col] = {bad[0].tolist()}: {x[tuple(bad[0])]}; "
-                          f"{key.upper()} needs finite weights")
     elems, nbytes = BLOCKS[key]
     blocks = _MODULES[key].encode_blocks(x.reshape(-1, elems))
     return blocks.reshape(rows, rb)
@@ -148,3 +164,58 @@ def dequantize(data: Union[Tensor, np.ndarray], qtype: Any, cols: Union[int, Non
                           f"values, but cols={cols} was given (shape {tuple(data.shape)})")
     y = _MODULES[key].decode_blocks(data.reshape(-1, nbytes))
     return y.reshape(rows, n_cols)
+
+
+def code_range(qtype: Any) -> tuple[int, int]:
+    """The codes the reference encoder writes: (-127, 127) for Q8_0, (0, 15) for Q4_K."""
+    return _MODULES[_qtype(qtype)].CODES
+
+
+def grid(data: Union[Tensor, np.ndarray], qtype: Any) -> np.ndarray:
+    """The block headers of encoded rows ``[rows, row_bytes]``: uint8 ``[rows, blocks * header]``
+    (2 bytes per Q8_0 block, 16 per Q4_K block). Raises FormatError for rows that are not whole blocks."""
+    key = _qtype(qtype)
+    b = data.detach().cpu().numpy() if isinstance(data, Tensor) else np.asarray(data)
+    _, nbytes = BLOCKS[key]
+    if b.dtype != np.uint8 or b.ndim != 2 or b.shape[1] % nbytes:
+        raise FormatError(f"fxquant.codecs.grid: expected uint8 [rows, whole {key.upper()} blocks of {nbytes} bytes], "
+                          f"got {b.dtype} {list(b.shape)}")
+    head = _MODULES[key].HEADER_BYTES
+    return np.ascontiguousarray(b.reshape(b.shape[0], -1, nbytes)[:, :, :head]).reshape(b.shape[0], -1)
+
+
+def _headers(g: np.ndarray, key: str, rows: int, cols: int) -> np.ndarray:
+    elems, _ = BLOCKS[key]
+    head = _MODULES[key].HEADER_BYTES
+    g = np.asarray(g)
+    if g.dtype != np.uint8 or g.shape != (rows, row_bytes(key, cols) // BLOCKS[key][1] * head):
+        raise FormatError(f"fxquant.codecs: a {key.upper()} grid for [{rows}, {cols}] weights is uint8 "
+                          f"[{rows}, {cols // elems * head}], got {g.dtype} {list(g.shape)}")
+    return np.ascontiguousarray(g).reshape(-1, head)
+
+
+def grid_values(g: np.ndarray, qtype: Any, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """(step, offset) float32 ``[rows, cols]`` of a grid: code q of weight (r, c) decodes to
+    ``step[r, c] * q - offset[r, c]``, bit for bit as `dequantize` computes it."""
+    key = _qtype(qtype)
+    h = _headers(g, key, g.shape[0], cols)
+    step, offset = _MODULES[key].grid_values(h)
+    return step.reshape(g.shape[0], cols), offset.reshape(g.shape[0], cols)
+
+
+def quantize_on_grid(array: Any, g: np.ndarray, qtype: Any) -> np.ndarray:
+    """Encode float weights ``[rows, cols]`` with the given block headers (`grid`): each code is the
+    nearest on that grid (Q8_0: ``roundf(x / d)`` clamped to +-127; Q4_K: the reference encoder's
+    final re-quantization step). Returns uint8 ``[rows, row_bytes]``.
+
+    Raises:
+        FormatError: as `quantize`, or a grid whose shape does not fit the weights.
+    """
+    key = _qtype(qtype)
+    x = _float_rows(array, "quantize_on_grid")
+    rows, cols = x.shape
+    rb = row_bytes(key, cols)
+    elems, _ = BLOCKS[key]
+    with np.errstate(all="ignore"):
+        blocks = _MODULES[key].encode_on_grid(x.reshape(-1, elems), _headers(g, key, rows, cols))
+    return blocks.reshape(rows, rb)

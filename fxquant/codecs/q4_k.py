@@ -41,6 +41,8 @@ from ._cfloat import F32, fp16_bytes, fp16_to_f32, nearest_int, torch_fp16_at
 
 BLOCK_ELEMS = 256
 BLOCK_BYTES = 144
+HEADER_BYTES = 16  # d, dmin, scales[12]: the block's grid (``grid_values``, ``encode_on_grid``)
+CODES = (0, 15)
 _SUB = 32  # elements per sub-block
 _NSUB = BLOCK_ELEMS // _SUB
 # Super-blocks encoded per pass: keeps the [32, sub-blocks] work arrays (1 MiB each) in cache.
@@ -176,9 +178,42 @@ def _encode_chunk(xb: np.ndarray) -> np.ndarray:
     requant = _codes((x + dmsub) / dsub, np.empty_like(x))
     L = np.where(dsub != 0, requant, L).astype(np.uint8)
 
-    # [32, S] -> [n, 8, 32]; sub-blocks 2g (low nibble) and 2g+1 (high nibble) share byte group g.
-    L = L.T.reshape(n, _NSUB // 2, 2, _SUB)
-    out[:, 16:] = (L[:, :, 0, :] | (L[:, :, 1, :] << 4)).reshape(n, 128)
+    out[:, 16:] = _pack_codes(L.T.reshape(n, BLOCK_ELEMS))
+    return out
+
+
+def _pack_codes(L: np.ndarray) -> np.ndarray:
+    """uint8 codes ``[n, 256]`` (0..15) -> ``qs`` ``[n, 128]``: sub-blocks 2g (low nibble) and
+    2g+1 (high nibble) share byte group g."""
+    L = L.reshape(L.shape[0], _NSUB // 2, 2, _SUB)
+    return (L[:, :, 0, :] | (L[:, :, 1, :] << 4)).reshape(L.shape[0], 128)
+
+
+def grid_values(header: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(step, offset) float32 ``[n, 256]`` of blocks with headers ``[n, 16]``: a code q decodes to
+    ``step * q - offset``, i.e. ``(d*sc[j]) * q - dmin*m[j]`` in sub-block j, rounded once, as the
+    decoder computes it (both products are exact in float32)."""
+    h = np.ascontiguousarray(header)
+    d, dmin = h[:, 0:2].copy().view("<f2").astype(F32), h[:, 2:4].copy().view("<f2").astype(F32)  # [n, 1]
+    s = h[:, 4:16].astype(np.int32)
+    sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 15) | ((s[:, 0:4] >> 6) << 4)], axis=1)  # get_scale_min_k4
+    m = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+    step, offset = d * sc.astype(F32), dmin * m.astype(F32)  # [n, 8]
+    return np.repeat(step, _SUB, axis=1), np.repeat(offset, _SUB, axis=1)
+
+
+def encode_on_grid(x: np.ndarray, header: np.ndarray) -> np.ndarray:
+    """Blocks ``[n, 144]`` with the given headers ``[n, 16]`` and the codes nearest to ``x`` on that
+    grid: the reference encoder's last step, ``clamp(nearest_int((x + dmin*m) / (d*sc)), 0, 15)``
+    (0 where d*sc is 0). With the encoder's own headers it gives back the encoder's bytes
+    (except in sub-blocks whose d*sc is 0, where every code decodes to the same value)."""
+    step, offset = grid_values(header)
+    with np.errstate(all="ignore"):
+        v = (x + offset) / np.where(step != 0, step, F32(1))
+        L = np.where(step != 0, _codes(v, np.empty_like(v)), F32(0)).astype(np.uint8)
+    out = np.empty((x.shape[0], BLOCK_BYTES), dtype=np.uint8)
+    out[:, :HEADER_BYTES] = header
+    out[:, HEADER_BYTES:] = _pack_codes(L)
     return out
 
 

@@ -6,12 +6,18 @@ weight-only custom op.
 
 ``l.qweight`` is a uint8 buffer ``[out_features, row_bytes]`` holding the exact GGUF bytes
 (`fxquant.codecs.quantize`); the float weight is deleted from the module. Every other node is
-declined: linears of other schemes, and nodes already lowered. Whether a linear's width fits the
+declined: linears of other schemes, and nodes already lowered. A linear ``round_gptq`` rounded
+(its record's ``rounding`` holds the block headers, the grid) is encoded on that grid
+(`fxquant.codecs.quantize_on_grid`), so its bytes decode to GPTQ's values; the grid then leaves
+the record (the bytes hold it). Whether a linear's width fits the
 block size was decided by ``select_schemes`` (the recipe's misaligned policy); a selection that
 does not fit is a `PassError` here, never a silent fallback.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -23,6 +29,25 @@ from .base import FxquantPass, PassResult, owned_linears, require_records
 
 LINEAR_GGUF = torch.ops.fxquant.linear_gguf.default
 QWEIGHT_SUFFIX = ".qweight"
+
+
+def _encoder(qtype: str, rounding: Optional[meta.Rounding]) -> Callable[[torch.Tensor], tuple[torch.Tensor]]:
+    """Slices of rows (in order, `graph.weight_rows`) -> their bytes: the reference encoder, or the
+    encoder on ``round_gptq``'s fixed grid. The codecs quantize float32 (as llama.cpp does from
+    f16/bf16); new tensors, never in place."""
+    grid = None if rounding is None else rounding.grid
+    done = 0
+
+    def encode(rows: torch.Tensor) -> tuple[torch.Tensor]:
+        nonlocal done
+        x = rows.detach().float().cpu().numpy()
+        if grid is None:
+            b = codecs.quantize(x, qtype)
+        else:
+            b = codecs.quantize_on_grid(x, grid[done:done + x.shape[0]].numpy(), qtype)
+            done += x.shape[0]
+        return (torch.from_numpy(b).to(rows.device),)
+    return encode
 
 
 class LowerGGUF(FxquantPass):
@@ -48,16 +73,18 @@ class LowerGGUF(FxquantPass):
                 raise PassError(f"{self.name}: linear {rec.name!r} is selected {qtype} but its in_features "
                                 f"{rec.in_features} is not a multiple of the block ({block}); select_schemes "
                                 f"applies the recipe's misaligned policy")
-            # The codecs quantize float32 (as llama.cpp does from f16/bf16); new tensor, never in place.
-            packed = graph.weight_rows(gm, node, lambda rows: (torch.from_numpy(
-                codecs.quantize(rows.detach().float().cpu().numpy(), qtype)).to(w.device),))[0]
+            packed = graph.weight_rows(gm, node, _encoder(qtype, rec.rounding))[0]
             target = rec.name + QWEIGHT_SUFFIX
             graph.set_buffer(gm, target, packed)
             args = (node.args[0], graph.get_attr_node(gm, target, node), qtype, rec.in_features, graph.bias_arg(node))
             new = graph.replace_node(gm, node, LINEAR_GGUF, args)
             nbytes = packed.numel()
             note = rec.selection.reason if rec.selection.by is DecidedBy.MISALIGNED else ""
-            meta.update(new, lowering=meta.Lowering(rec.selection.scheme, nbytes * 8 / w.numel(), nbytes, note))
+            if rec.rounding is not None and rec.rounding.grid is not None:
+                note = "; ".join(filter(None, [note, f"{rec.rounding.method}-rounded"]))
+            rounding = None if rec.rounding is None else dataclasses.replace(rec.rounding, grid=None)  # the bytes hold it
+            meta.update(new, rounding=rounding,
+                        lowering=meta.Lowering(rec.selection.scheme, nbytes * 8 / w.numel(), nbytes, note))
             modified = True
         if modified:
             graph.finalize(gm)

@@ -29,18 +29,51 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
 
-from .. import graph, meta
+from .. import codecs, graph, meta
 from ..errors import CalibrationError, PassError
 from ..ops.w8a8 import INT8_MAX, quantize_weight_per_channel
 from ..schemes import Scheme
 from .base import FxquantPass, PassResult, require_records
 
 log = logging.getLogger("fxquant")
+
+
+def act_order(h: torch.Tensor) -> torch.Tensor:
+    """The column order GPTQ rounds in: decreasing Hessian diagonal (a dead input counts 1)."""
+    d = torch.diagonal(h.detach().float())
+    return torch.argsort(torch.where(d > 0, d, 1.0), descending=True, stable=True)
+
+
+def _gptq(w: torch.Tensor, h: torch.Tensor, perm: torch.Tensor, damp: float, block: int,
+          round_col: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """GPTQ's loop over ``w`` [out, in] in the column order ``perm``; ``round_col(column, i)`` rounds
+    the i-th column *of that order* and returns (codes, their values). Returns codes in that order."""
+    h = h.detach().float().clone()
+    dead = torch.diagonal(h) <= 0
+    h[dead, dead] = 1.0
+    wp, hp = w[:, perm].clone(), h[perm][:, perm]
+    hp += damp * torch.diagonal(hp).mean() * torch.eye(hp.shape[0], dtype=hp.dtype, device=hp.device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hp)), upper=True)
+    codes = torch.zeros_like(wp)
+    n = wp.shape[1]
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        w1, err = wp[:, i1:i2].clone(), torch.zeros(wp.shape[0], i2 - i1, device=w.device)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            q, value = round_col(col, i1 + i)
+            codes[:, i1 + i] = q
+            e = (col - value) / h1[i, i]
+            w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
+            err[:, i] = e
+        wp[:, i2:] -= err @ hinv[i1:i2, i2:]
+    return codes
 
 
 def gptq_codes(w: torch.Tensor, h: torch.Tensor, damp: float = 0.01, block: int = 128) -> torch.Tensor:
@@ -50,34 +83,43 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, damp: float = 0.01, block: int 
     """
     w = w.detach().float()
     q_rtn, scale = quantize_weight_per_channel(w)
-    h = h.detach().float().clone()
-    dead = torch.diagonal(h) <= 0
-    h[dead, dead] = 1.0
-    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+    perm = act_order(h)
     inv = torch.argsort(perm)
-    wp, hp = w[:, perm].clone(), h[perm][:, perm]
-    hp += damp * torch.diagonal(hp).mean() * torch.eye(hp.shape[0], dtype=hp.dtype, device=hp.device)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hp)), upper=True)
-    pin_col = inv[w.abs().argmax(1)]  # each row's max-|w| column, in permuted order
+    pin_col = inv[w.abs().argmax(1)]  # each row's max-|w| column, in act order
     pin_code = q_rtn.gather(1, w.abs().argmax(1, keepdim=True)).squeeze(1).float()
-    rows = torch.arange(w.shape[0], device=w.device)
-    codes = torch.zeros_like(wp)
-    n = wp.shape[1]
-    for i1 in range(0, n, block):
-        i2 = min(i1 + block, n)
-        w1, err = wp[:, i1:i2].clone(), torch.zeros(wp.shape[0], i2 - i1, device=w.device)
-        h1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = w1[:, i]
-            q = torch.round(col / scale).clamp(-INT8_MAX, INT8_MAX)
-            pinned = pin_col == i1 + i
-            q[pinned] = pin_code[rows[pinned]]
-            codes[:, i1 + i] = q
-            e = (col - q * scale) / h1[i, i]
-            w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
-            err[:, i] = e
-        wp[:, i2:] -= err @ hinv[i1:i2, i2:]
-    return codes[:, inv].to(torch.int8)
+
+    def round_col(col: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q = torch.round(col / scale).clamp(-INT8_MAX, INT8_MAX)
+        pinned = pin_col == i
+        q[pinned] = pin_code[pinned]
+        return q, q * scale
+
+    return _gptq(w, h, perm, damp, block, round_col)[:, inv].to(torch.int8)
+
+
+def gptq_grid_codes(w: torch.Tensor, h: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, codes: tuple[int, int],
+                    damp: float = 0.01, block: int = 128) -> torch.Tensor:
+    """Codes of ``w`` [out, in] on a fixed grid (code q of weight (o, k) stands for ``step[o, k] * q -
+    offset[o, k]``, codes in ``codes = (lo, hi)``), GPTQ-rounded against Hessian ``h`` [in, in].
+    Returns float32 codes; where ``step`` is 0 every code means ``-offset``, and the code is 0.
+
+    Example (a GGUF weight, `fxquant.codecs`)::
+
+        g = codecs.grid(codecs.quantize(w, "q4_k"), "q4_k")
+        step, offset = map(torch.from_numpy, codecs.grid_values(g, "q4_k", w.shape[1]))
+        q = gptq_grid_codes(w, x.T @ x, step, offset, codecs.code_range("q4_k"))
+    """
+    w = w.detach().float()
+    perm = act_order(h)
+    sp, op = step[:, perm].float(), offset[:, perm].float()
+    lo, hi = codes
+
+    def round_col(col: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s, o = sp[:, i], op[:, i]
+        q = torch.where(s != 0, torch.round((col + o) / torch.where(s != 0, s, 1.0)), 0.0).clamp(lo, hi)
+        return q, s * q - o
+
+    return _gptq(w, h, perm, damp, block, round_col)[:, torch.argsort(perm)]
 
 
 def pinned_weight(w: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -120,7 +162,7 @@ class RoundGPTQ(FxquantPass):
         t0 = time.perf_counter()
         users: dict[str, list[fx.Node]] = {}  # weight target -> the quantized linear nodes reading it
         for node, rec in meta.records(gm):
-            if graph.is_linear(node) and rec.selection.scheme is Scheme.W8A8:  # lowered nodes are declined
+            if graph.is_linear(node) and self._owns(rec):  # lowered nodes are declined
                 users.setdefault(str(graph.param_root(node.args[1]).target), []).append(node)
         if not users:
             return PassResult(gm, False)
@@ -128,21 +170,59 @@ class RoundGPTQ(FxquantPass):
         for chunk in self._chunks(users):
             hess = self._hessians(gm, {x for t in chunk for n in users[t] for x in [n.args[0]]})
             for target in chunk:
-                w = graph.weight(gm, users[target][0])  # with fold_smoothing's column scaling
-                h = sum(hess[n.args[0]] for n in users[target])
-                codes = gptq_codes(w, h.to(w.device), self.damp)
-                new = pinned_weight(w, codes)
-                got, _ = quantize_weight_per_channel(new)
-                if not torch.equal(got, codes):
-                    raise PassError(f"{self.name}: {target}: the pinned weight does not give back the GPTQ codes")
-                if not torch.equal(new, w):  # a second run finds the codes already there: no change
-                    for n in users[target]:
+                nodes = users[target]
+                schemes = {meta.get(n).selection.scheme for n in nodes}
+                if len(schemes) > 1:
+                    raise PassError(f"{self.name}: {target}: one weight, read by linears selected "
+                                    f"{sorted(s.value for s in schemes)}; GPTQ rounds a weight for one scheme")
+                w = graph.weight(gm, nodes[0])  # with fold_smoothing's column scaling
+                h = sum(hess[n.args[0]] for n in nodes).to(w.device)
+                scheme = schemes.pop()
+                new, rounding = (self._int8(target, w, h), None) if scheme is Scheme.W8A8 else \
+                    self._on_grid(target, w, h, scheme.value)
+                if not torch.equal(new, w):  # W8A8: a second run finds the codes already there
+                    for n in nodes:
                         graph.set_weight(gm, n, new)
+                    modified = True
+                if rounding is not None:
+                    for n in nodes:
+                        meta.update(n, rounding=rounding)
                     modified = True
             del hess
         self.seconds = time.perf_counter() - t0
         log.info("%s: %d weights, %d forward passes in %.1f s", self.name, len(users), self.forwards, self.seconds)
         return PassResult(gm, modified)
+
+    @staticmethod
+    def _owns(rec: meta.LinearRecord) -> bool:
+        """W8A8 linears; GGUF ones not rounded yet whose width fits the block (lower_gguf refuses the others)."""
+        scheme = rec.selection.scheme
+        if scheme is Scheme.W8A8:
+            return True
+        return (scheme.value in codecs.BLOCKS and rec.rounding is None
+                and rec.in_features % codecs.BLOCKS[scheme.value][0] == 0)
+
+    def _int8(self, target: str, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        codes = gptq_codes(w, h, self.damp)
+        new = pinned_weight(w, codes)
+        got, _ = quantize_weight_per_channel(new)
+        if not torch.equal(got, codes):
+            raise PassError(f"{self.name}: {target}: the pinned weight does not give back the GPTQ codes")
+        return new
+
+    def _on_grid(self, target: str, w: torch.Tensor, h: torch.Tensor, qtype: str) -> tuple[torch.Tensor, meta.Rounding]:
+        """GPTQ's values on the grid the reference encoder computes from ``w`` (module doc)."""
+        g = codecs.grid(codecs.quantize(w.detach().float().cpu(), qtype), qtype)
+        step, offset = (torch.from_numpy(a).to(w.device) for a in codecs.grid_values(g, qtype, w.shape[1]))
+        codes = gptq_grid_codes(w, h, step, offset, codecs.code_range(qtype), self.damp)
+        values = step * codes - offset  # float32, rounded once: what the decoder computes
+        new = values.to(w.dtype)
+        got = codecs.dequantize(codecs.quantize_on_grid(new.float().cpu(), g, qtype), qtype).to(w.device)
+        if not torch.equal(got, values):
+            bad = int((got != values).sum())
+            raise PassError(f"{self.name}: {target}: {bad} of the {qtype} GPTQ values stored as {w.dtype} do not "
+                            f"encode back to their codes on the fixed grid")
+        return new, meta.Rounding("gptq", self.damp, torch.from_numpy(g))
 
     def _chunks(self, users: dict[str, list[fx.Node]]) -> list[list[str]]:
         """Weight targets grouped so that the Hessians of their distinct inputs fit ``hessian_bytes``
