@@ -171,3 +171,65 @@ def test_decode_on_cuda(qtype):
         y = dequantize(torch.from_numpy(qbytes).cuda(), qtype)
         assert y.is_cuda
         assert same_bits(y.cpu().numpy(), deq), f"{name}: CUDA decode differs from llama.cpp"
+
+
+# ---- fixed grids (round_gptq): headers cut from the bytes, codes chosen by the caller
+
+
+@pytest.mark.parametrize("qtype,name", CASES, ids=[f"{q}-{n}" for q, n in CASES])
+def test_grid_values_are_what_llama_cpp_decodes(qtype, name):
+    """step * code - offset, from the headers alone, is llama.cpp's dequantization of the codes."""
+    from fxquant.codecs import grid, grid_values
+
+    x, qbytes, deq = _case(qtype, name)
+    rows, cols = x.shape
+    elems, nbytes = BLOCKS[qtype]
+    step, offset = grid_values(grid(qbytes, qtype), qtype, cols)
+    b = qbytes.reshape(-1, nbytes)
+    if qtype == "q8_0":
+        codes = b[:, 2:].view(np.int8).astype(np.float32)
+    else:  # the nibbles back in element order: byte 32g+l holds q[64g+l] | q[64g+32+l] << 4
+        qs = b[:, 16:].reshape(-1, 4, 1, 32)
+        codes = np.concatenate([qs & 15, qs >> 4], axis=2).astype(np.float32)
+    want = deq if np.isfinite(deq).all() else None
+    if want is None:
+        pytest.skip("a block whose fp16 scale overflows: llama.cpp decodes it to inf/NaN")
+    got = (torch.tensor(step) * torch.from_numpy(codes.reshape(rows, cols)) - torch.tensor(offset)).numpy()
+    assert same_bits(got, deq)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_quantize_on_grid_keeps_the_headers_and_decodes_to_the_grid_values(qtype):
+    from fxquant.codecs import code_range, grid, grid_values, quantize_on_grid
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((16, 512)) * np.logspace(-3, 1, 16)[:, None]).astype(np.float32)
+    x[3] = 0
+    g = grid(quantize(x, qtype), qtype)
+    step, offset = grid_values(g, qtype, 512)
+    lo, hi = code_range(qtype)
+    codes = np.where(step != 0, rng.integers(lo, hi + 1, size=x.shape), 0).astype(np.float32)  # step 0: code 0
+    values = (torch.from_numpy(step) * torch.from_numpy(codes) - torch.from_numpy(offset)).numpy()
+    b = quantize_on_grid(values, g, qtype)
+    assert np.array_equal(grid(b, qtype), g)
+    assert same_bits(gguf.quants.dequantize(b, _GGUF_TYPE[qtype]), values)  # gguf-py, not fxquant's decoder
+    # each code is the nearest grid value: never farther from x than the reference encoder's
+    near = dequantize(quantize_on_grid(x, g, qtype), qtype).numpy()
+    ref = dequantize(quantize(x, qtype), qtype).numpy()
+    assert np.all(np.abs(near - x) <= np.abs(ref - x) * (1 + 1e-6) + 1e-30)
+    with pytest.raises(FormatError, match="grid"):
+        quantize_on_grid(x, g[:, :-1], qtype)
+
+
+@pytest.mark.parametrize("name", [str(n) for n in _REFS["q4_k"]["case_names"]])
+def test_q4_k_on_its_own_grid_is_the_reference_encoder(name):
+    """Q4_K's last step re-quantizes on the packed scales: the same bytes as llama.cpp, except codes
+    of sub-blocks whose d*sc is 0 (every code decodes to the same value there)."""
+    from fxquant.codecs import grid, grid_values, quantize_on_grid
+
+    x, qbytes, deq = _case("q4_k", name)
+    g = grid(qbytes, "q4_k")
+    got = quantize_on_grid(x, g, "q4_k")
+    live = (grid_values(g, "q4_k", x.shape[1])[0] != 0).reshape(-1, 256).all(axis=1)  # no d*sc == 0
+    assert np.array_equal(got.reshape(-1, 144)[live], qbytes.reshape(-1, 144)[live])
+    assert same_bits(dequantize(got, "q4_k").numpy(), dequantize(qbytes, "q4_k").numpy())
