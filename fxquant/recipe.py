@@ -358,12 +358,18 @@ PRESETS: dict[str, Recipe] = {
     # The paper's recipe with the protected linears stored Q8_0 (weight-only) instead of float.
     "int8-w8a8-q8": _PAPER.replace(name="int8-w8a8-q8", protect_scheme=Scheme.Q8_0),
     "w8a8-naive": Recipe(name="w8a8-naive"),
+    # q4_k and q8_0 are llama.cpp's reference encoders, byte for byte (no calibration needed);
+    # the -gptq presets keep their block scales and choose the codes by GPTQ on the calibration
+    # inputs (bench/gptq_gguf.py: 1.6-3x lower error, docs/gguf.md).
     "q4_k": Recipe(name="q4_k", default=Scheme.Q4_K),
+    "q4_k-gptq": Recipe(name="q4_k-gptq", default=Scheme.Q4_K, gptq=True),
     # llama.cpp's Q4_K_M idea: Q4_K, with the most fragile linears (same ranking and k as the
-    # paper's) in Q8_0; linears too narrow for Q4_K's 256-blocks go Q8_0 rather than float.
+    # paper's) in Q8_0; linears too narrow for Q4_K's 256-blocks go Q8_0 rather than float; GPTQ
+    # codes (it calibrates anyway).
     "q4_k_m": Recipe(name="q4_k_m", default=Scheme.Q4_K, protect_top_k=17, protect_reference_linears=279,
-                     protect_scheme=Scheme.Q8_0, misaligned=MisalignedPolicy.Q8_0),
+                     protect_scheme=Scheme.Q8_0, misaligned=MisalignedPolicy.Q8_0, gptq=True),
     "q8_0": Recipe(name="q8_0", default=Scheme.Q8_0),
+    "q8_0-gptq": Recipe(name="q8_0-gptq", default=Scheme.Q8_0, gptq=True),
 }
 
 
