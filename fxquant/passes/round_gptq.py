@@ -1,7 +1,8 @@
-"""round_gptq: GPTQ rounding for the int8 weights ``lower_w8a8`` will make (new weight constants only).
+"""round_gptq: GPTQ rounding for the weights ``lower_w8a8`` and ``lower_gguf`` will quantize
+(new weight constants only).
 
     before:  y = aten.linear(x, get_attr[l.weight])     W, float
-    after:   y = aten.linear(x, get_attr[l.weight])     W' = q * s, float, same graph
+    after:   y = aten.linear(x, get_attr[l.weight])     W' = q * s (w8a8) or step * q - offset (q4_k, q8_0)
 
 ``s`` is the per-output-channel scale the lowering computes anyway (``max_k |W[o, k]| / 127``,
 `fxquant.ops.w8a8.quantize_weight_per_channel`); only the rounding changes. The codes ``q`` come
@@ -18,6 +19,19 @@ row's original max |W| itself, so ``max_k |W'[o, k]|`` and therefore ``s`` are b
 RTN scale. Every other element is ``fl(q * s)`` with ``|q| <= 126``, whose relative rounding error
 (at most 2^-8 in bfloat16) moves ``q`` by less than 0.5: RTN gives back exactly ``q``. The pass
 checks it per weight (``PassError`` otherwise).
+
+GGUF (``q4_k``, ``q8_0``): the grid is the block headers llama.cpp's reference encoder computes
+from ``W`` (`fxquant.codecs.grid`: Q8_0's fp16 ``d`` per 32 weights; Q4_K's ``d``, ``dmin`` and
+6-bit scales and mins per 256), fixed; a code q of weight (o, k) stands for ``step * q - offset``
+(`fxquant.codecs.grid_values`), and GPTQ chooses q in the encoder's range (-127..127, 0..15) the
+same way. ``W'`` is those values in W's dtype, and the record's ``rounding`` carries the grid to
+``lower_gguf``, which encodes ``W'`` on it (`fxquant.codecs.quantize_on_grid`, nearest code); the
+pass checks per weight that those bytes decode to GPTQ's float32 values bit for bit (``PassError``
+otherwise). In bfloat16, storing a value moves it by at most 2^-9 of its magnitude, less than half
+a step for any value within 256 steps of 0: every Q8_0 value (|q| <= 127), and Q4_K values unless a
+sub-block's min lies hundreds of its own steps below zero (a tight cluster of same-signed weights),
+the one case that raises. The bytes are valid GGUF blocks: the headers are the reference encoder's,
+only the codes differ. A linear already rounded (``rounding`` set) is declined.
 
 Memory: one Hessian per distinct input (q/k/v share one), ``in_features^2`` float32 each
 (12288^2 = 600 MB for Ideogram 4's w2). Inputs are processed in chunks whose Hessians fit
@@ -132,7 +146,7 @@ def pinned_weight(w: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 
 class RoundGPTQ(FxquantPass):
-    """Replace the float weight of every linear selected W8A8 by its pinned GPTQ weight (module doc).
+    """Replace the float weight of every linear selected W8A8, Q4_K or Q8_0 by its GPTQ weight (module doc).
 
     Args:
         calibration: the example inputs (as given to ``compile``).
@@ -140,8 +154,9 @@ class RoundGPTQ(FxquantPass):
         hessian_bytes: memory for the Hessians held at once (float32 ``in^2`` per distinct input).
 
     Raises:
-        PassError: no ``selection`` (run select_schemes first), or the pinned weight does not give
-            back the GPTQ codes. Linears already lowered are declined (a second run changes nothing).
+        PassError: no ``selection`` (run select_schemes first), the new weight does not give back
+            the GPTQ codes, or one weight is read by linears of different schemes. Linears already
+            lowered or rounded are declined (a second run changes nothing).
         CalibrationError: no calibration inputs.
     """
 
