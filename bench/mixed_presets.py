@@ -12,7 +12,9 @@ for every preset that protects, so the presets differ only in scheme:
 
     int8-w8a8-paper  w8a8 + SmoothQuant, protected linears float (the paper)
     int8-w8a8-q8  the same, protected linears Q8_0 (weight-only)
-    q4_k_m        Q4_K, protected linears Q8_0, misaligned linears Q8_0 where 32 divides them
+    q4_k_m        Q4_K, protected linears Q8_0, misaligned linears Q8_0 where 32 divides them, GPTQ codes
+                  (q4_k_m-rtn: the same with llama.cpp's round-to-nearest codes; q8_0-gptq, q4_k-gptq: GPTQ
+                  codes on the reference encoder's block scales, docs/gguf.md)
 
 Error: relative L2 of the velocity on image tokens against the float model, mean over held-out
 inputs (other seeds and timesteps than the calibration trajectory). Bytes: the linear weights as
@@ -37,7 +39,7 @@ from fxquant.models import ideogram4_inputs, reduced_ideogram4  # noqa: E402
 from quality_ablation import HELD_OUT_TIMESTEPS, CALIB_TIMESTEPS, held_out_error, massive_blocks, plant_outliers  # noqa: E402
 
 CFG = dict(attention_head_dim=64, num_attention_heads=4, intermediate_size=512, mrope_section=(12, 10, 10), in_channels=32)
-PRESETS = ("w8a8-naive", "int8-w8a8-paper", "int8-w8a8-q8", "q8_0", "q4_k", "q4_k_m")
+PRESETS = ("w8a8-naive", "int8-w8a8-paper", "int8-w8a8-q8", "q8_0", "q8_0-gptq", "q4_k", "q4_k-gptq", "q4_k_m")
 
 
 def recipes(layers: int) -> dict[str, fxquant.Recipe]:
@@ -46,6 +48,7 @@ def recipes(layers: int) -> dict[str, fxquant.Recipe]:
     for name in PRESETS:
         r = fxquant.Recipe.preset(name)
         out[name] = r.replace(protect_top_k=k, protect_reference_linears=0) if r.protect_top_k else r
+    out["q4_k_m-rtn"] = out["q4_k_m"].replace(name="q4_k_m-rtn", gptq=False)  # q4_k_m before it took GPTQ
     return out
 
 
@@ -85,7 +88,7 @@ def main() -> None:
     print(head)
     print("-" * len(head))
     table = {}
-    for name in PRESETS:
+    for name in runs[args.seeds[0]]:
         errs = [runs[s][name]["error"] for s in args.seeds]
         first = runs[args.seeds[0]][name]
         mean = sum(errs) / len(errs)
