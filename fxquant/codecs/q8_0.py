@@ -62,7 +62,7 @@ def grid_values(header: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(step, offset) float32 ``[n, 32]`` of blocks with headers ``[n, 2]``: a code q decodes to
     ``step * q - offset`` (offset 0 for Q8_0)."""
     d = np.ascontiguousarray(header).view("<f2").astype(F32)  # [n, 1]
-    step = np.broadcast_to(d, (header.shape[0], BLOCK_ELEMS))
+    step = np.repeat(d, BLOCK_ELEMS, axis=1)
     return step, np.zeros_like(step)
 
 
