@@ -2,7 +2,7 @@
 encoder, on the sensitivity benchmark's planted reduced Ideogram 4, both CFG branches, per step
 and over an 8-step CFG trajectory.
 
-    .venv/bin/python bench/gptq_gguf.py                       # 3 cases x 3 seeds
+    .venv/bin/python bench/gptq_gguf.py                       # 3 cases x 3 seeds, ~24 min on the shared 2-core machine
     .venv/bin/python bench/gptq_gguf.py --cases moving --seeds 1 --out /tmp/g.json
 
 Models, calibration and evaluation are `bench/sensitivity_ablation.py`'s (its ``cfg_run``,
