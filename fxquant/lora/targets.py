@@ -31,7 +31,8 @@ def graph_modules(module: Target, who: str) -> list[tuple[str, fx.GraphModule]]:
     """(label, GraphModule) for each branch of a module, a dict of branches or a pipeline."""
     if isinstance(module, (fx.GraphModule, Mapping)):
         parts, is_dict = as_branches(module, who, single="module", error=LoraError)
-        return [(label, _graph_module(gm, f"branch {label!r}" if is_dict else "module", who)) for label, gm in parts.items()]
+        return [(label, _graph_module(gm, f"branch {label!r}" if is_dict else "module", who))
+                for label, gm in parts.items()]
     found = [(c, getattr(module, c)) for c in PIPELINE_COMPONENTS if getattr(module, c, None) is not None]
     if not found:
         raise LoraError(f"{who}: expected a compiled GraphModule, a dict of them, or a pipeline with compiled "
