@@ -23,6 +23,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .branches import as_branches
+
 BUILTIN = "builtin:ideogram4-reduced"
 
 
@@ -81,14 +83,15 @@ def _models(args: argparse.Namespace, progress: Progress) -> Any:
     fn = _factory(args.model)
     progress(f"building the model with {args.model}" + (f" for branches {', '.join(branches)}" if branches else ""))
     model = {b: fn(b) for b in branches} if branches else fn()
-    items = model.values() if isinstance(model, dict) else [model]
-    if not all(isinstance(m, torch.nn.Module) for m in items):
+    parts, _ = as_branches(model, f"--model {args.model!r}", error=CliError)
+    if not all(isinstance(m, torch.nn.Module) for m in parts.values()):
         raise CliError(f"--model {args.model!r} must return an nn.Module or a dict of branch name -> nn.Module")
     return model
 
 
 def _calibration(args: argparse.Namespace, model: Any, progress: Progress) -> Any:
-    names = list(model) if isinstance(model, dict) else None
+    branches, is_dict = as_branches(model, "--branches", error=CliError)
+    names = list(branches) if is_dict else None
     if args.steps < 1:
         raise CliError(f"--steps {args.steps}: give at least 1 built-in calibration input per branch")
     if args.calibration is None:
@@ -127,9 +130,10 @@ def cmd_compile(args: argparse.Namespace, progress: Progress) -> None:
     recipe = fxquant.recipe.resolve(args.recipe)
     model = _models(args, progress)
     calibration = _calibration(args, model, progress)
-    if isinstance(model, dict):
+    models, is_dict = as_branches(model, "compile", error=CliError)
+    if is_dict:
         out = {}
-        for name, m in model.items():
+        for name, m in models.items():
             progress(f"compiling branch {name!r} with recipe {recipe.name!r} ({len(calibration[name])} calibration inputs)")
             out.update(fxquant.compile({name: m}, recipe, calibration={name: calibration[name]}))
     else:
@@ -162,12 +166,11 @@ def _load(path: str, progress: Progress) -> Any:
 
 def _select(loaded: Any, branch: Optional[str]) -> dict[str, Any]:
     """Branch name -> module ("" for a single module)."""
-    if not isinstance(loaded, dict):
-        if branch:
-            raise CliError(f"--branch {branch!r}: the artifact holds a single module, not branches")
-        return {"": loaded}
-    if branch is None:
-        return loaded
+    branches, is_dict = as_branches(loaded, "--branch", error=CliError)
+    if not is_dict and branch:
+        raise CliError(f"--branch {branch!r}: the artifact holds a single module, not branches")
+    if not is_dict or branch is None:
+        return branches
     if branch not in loaded:
         raise CliError(f"--branch {branch!r}: the artifact has branches {', '.join(loaded)}")
     return {branch: loaded[branch]}

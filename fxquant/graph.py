@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.fx as fx
 
+from . import memory
 from .errors import CalibrationError, PassError
 from .ops import fold as _fold  # noqa: F401 - registers fxquant::scale_param
 from .trace import as_args_kwargs
@@ -97,6 +98,7 @@ def weight_rows(gm: fx.GraphModule, node: fx.Node, fn: Callable[[torch.Tensor], 
             outs = [torch.empty((base.shape[0], *p.shape[1:]), dtype=p.dtype, device=p.device) for p in parts]
         for o, p in zip(outs, parts):
             o[i:i + step] = p
+    memory.trim()  # the slices' float32 temporaries: back to the OS, not kept by the allocator
     return tuple(outs)
 
 

@@ -148,6 +148,29 @@ def protection_ladder(
     """
     recipe = resolve(recipe)
     by = _enum(ProtectBy, by, "by")
+    ks, calibration, evaluation = _check_inputs(ks, calibration, evaluation)
+    gm = _analyse(model, recipe, ks, calibration)
+    refs = [_float_leaves(_call(model, ev)) for ev in evaluation]
+    ref_sq = sum(float(r.double().pow(2).sum()) for leaves in refs for r in leaves)
+    elsize = {r.key: graph.weight(gm, n).element_size() for n, r in meta.records(gm)}
+    total = sum(r.in_features * r.out_features * elsize[r.key] for _, r in meta.records(gm))
+    points = tuple(_point(gm, recipe.replace(protect_top_k=k, protect_by=by, **_FLAT), k, calibration, evaluation,
+                          refs, ref_sq, total) for k in ks)
+    recs = [r for _, r in meta.records(gm)]
+    ranking = tuple(r.name for r in sorted(recs, key=lambda r: r.fragility.rank))
+    by_sens, rho = (), None
+    if all(r.sensitivity is not None for r in recs):
+        by_sens = tuple(r.name for r in sorted(recs, key=lambda r: r.sensitivity.rank))
+        rho = spearman([r.sensitivity.error for r in recs], [r.fragility.score for r in recs])
+    return Ladder(recipe.name, len(recs), points, ranking,
+                  meta.graph_record(gm).spearman_rho, len(evaluation), by.value, by_sens, rho, gm)
+
+
+_FLAT = dict(protect_reference_linears=0, protect_budget=0.0, protect_budget_bytes=0)  # the ladder is top-k only
+
+
+def _check_inputs(ks: Sequence[int], calibration: Sequence[Any], evaluation: Sequence[Any]) -> tuple[list[int], list, list]:
+    """Sorted unique ``ks`` and the checked inputs; evaluation must be held out from calibration."""
     if isinstance(ks, (str, bytes)) or not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in ks):
         raise RecipeError(f"protection_ladder: ks must be a non-empty list of integers >= 0, got {ks!r}")
     calibration = check_calibration(calibration, "calibration")
@@ -157,45 +180,35 @@ def protection_ladder(
             if ev is cal or _same_input(ev, cal):
                 raise CalibrationError(f"protection_ladder: evaluation[{i}] equals calibration[{j}]; the error must "
                                        "be measured on held-out inputs")
-    ks = sorted(set(ks))
+    return sorted(set(ks)), calibration, evaluation
 
-    flat = dict(protect_reference_linears=0, protect_budget=0.0, protect_budget_bytes=0)
+
+def _analyse(model: torch.nn.Module, recipe: Recipe, ks: list[int], calibration: Sequence[Any]) -> fx.GraphModule:
+    """The traced graph after the analysis passes (statistics, fragility, sensitivity where W8A8)."""
     # Sensitivity is measured for W8A8 (score_sensitivity); another default has the fragility ranking only.
     both = ProtectBy.SENSITIVITY if recipe.default is Scheme.W8A8 else ProtectBy.FRAGILITY
-    analysis_recipe = recipe.replace(protect_top_k=max(1, ks[-1]), protect_by=both, **flat)
+    analysis_recipe = recipe.replace(protect_top_k=max(1, ks[-1]), protect_by=both, **_FLAT)
     analysis = pipeline.build(analysis_recipe, calibration).only(pipeline.ANALYSIS)
     gm = trace(model, calibration[0])
     meta.set_graph_record(gm, meta.GraphRecord(recipe=recipe.to_dict()))
     with torch.no_grad():
-        gm = analysis(gm)
+        return analysis(gm)
 
-    refs = [_float_leaves(_call(model, ev)) for ev in evaluation]
-    ref_sq = sum(float(r.double().pow(2).sum()) for leaves in refs for r in leaves)
-    elsize = {r.key: graph.weight(gm, n).element_size() for n, r in meta.records(gm)}
-    total = sum(r.in_features * r.out_features * elsize[r.key] for _, r in meta.records(gm))
-    points = []
-    for k in ks:
-        passes = pipeline.build(recipe.replace(protect_top_k=k, protect_by=by, **flat), calibration)
-        lowered = passes.only(pipeline.DECIDE, pipeline.REWRITE)(copy.deepcopy(gm))
-        err_sq, worst = 0.0, 0.0
-        for ev, ref in zip(evaluation, refs):
-            out = _float_leaves(_call(lowered, ev))
-            e = sum(float((o.double() - r.double()).pow(2).sum()) for o, r in zip(out, ref))
-            err_sq += e
-            worst = max(worst, math.sqrt(e / max(sum(float(r.double().pow(2).sum()) for r in ref), 1e-300)))
-        recs = [r for _, r in meta.records(lowered)]
-        kept = sum(r.lowering.weight_bytes for r in recs if r.lowering is not None and r.lowering.scheme is Scheme.FLOAT)
-        points.append(LadderPoint(
-            k=k, protected=tuple(r.name for r in recs if r.selection.kind is not SelectionKind.QUANTIZE),
-            rel_error=math.sqrt(err_sq / max(ref_sq, 1e-300)), max_rel_error=worst,
-            weight_bytes=sum(r.lowering.weight_bytes for r in recs if r.lowering is not None),
-            float_bytes=kept, float_fraction=kept / max(total, 1)))
-        del lowered
-    recs = [r for _, r in meta.records(gm)]
-    ranking = tuple(r.name for r in sorted(recs, key=lambda r: r.fragility.rank))
-    by_sens, rho = (), None
-    if all(r.sensitivity is not None for r in recs):
-        by_sens = tuple(r.name for r in sorted(recs, key=lambda r: r.sensitivity.rank))
-        rho = spearman([r.sensitivity.error for r in recs], [r.fragility.score for r in recs])
-    return Ladder(recipe.name, len(recs), tuple(points), ranking,
-                  meta.graph_record(gm).spearman_rho, len(evaluation), by.value, by_sens, rho, gm)
+
+def _point(gm: fx.GraphModule, recipe: Recipe, k: int, calibration: Sequence[Any], evaluation: Sequence[Any],
+           refs: list[list[torch.Tensor]], ref_sq: float, total: int) -> LadderPoint:
+    """Lower a copy of the analysed graph with ``recipe`` (top-k protected) and measure it against ``refs``."""
+    lowered = pipeline.build(recipe, calibration).only(pipeline.DECIDE, pipeline.REWRITE)(copy.deepcopy(gm))
+    err_sq, worst = 0.0, 0.0
+    for ev, ref in zip(evaluation, refs):
+        out = _float_leaves(_call(lowered, ev))
+        e = sum(float((o.double() - r.double()).pow(2).sum()) for o, r in zip(out, ref))
+        err_sq += e
+        worst = max(worst, math.sqrt(e / max(sum(float(r.double().pow(2).sum()) for r in ref), 1e-300)))
+    recs = [r for _, r in meta.records(lowered)]
+    kept = sum(r.lowering.weight_bytes for r in recs if r.lowering is not None and r.lowering.scheme is Scheme.FLOAT)
+    return LadderPoint(
+        k=k, protected=tuple(r.name for r in recs if r.selection.kind is not SelectionKind.QUANTIZE),
+        rel_error=math.sqrt(err_sq / max(ref_sq, 1e-300)), max_rel_error=worst,
+        weight_bytes=sum(r.lowering.weight_bytes for r in recs if r.lowering is not None),
+        float_bytes=kept, float_fraction=kept / max(total, 1))

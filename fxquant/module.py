@@ -10,6 +10,10 @@ that also stands in for the diffusers model it came from:
     __call__       the source model's signature (`fxquant.signature`): keyword or positional
                    arguments, ``return_dict``, non-tensor arguments checked, not frozen
     train(True)    an error: a lowered graph is inference only; ``eval()`` works
+    cache_context  what diffusers pipelines (Flux, SD3, Wan, ...) wrap each transformer call in:
+                   a no-op, as on a diffusers model with no cache enabled; ``enable_cache``
+                   (FasterCache, FirstBlockCache, ...) is an error (its hooks need the float
+                   model's blocks)
 
 ``torch.fx.GraphModule`` gives each instance its own class (so that it can hold the generated
 ``forward``); `adopt` gives a traced module such a class built on `QuantizedModule`, in place: no
@@ -19,7 +23,8 @@ precomputed at compile, then calls the graph; ``torch.compile(fullgraph=True)`` 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import contextlib
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.fx as fx
@@ -57,6 +62,18 @@ class QuantizedModule(fx.GraphModule):
             return super().__call__(*args, **kwargs)
         graph_kwargs, return_dict = call.bind(args, kwargs)
         return call.output(super().__call__(**graph_kwargs), return_dict)
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **kwargs: Any) -> Iterator[None]:
+        yield
+
+    @property
+    def is_cache_enabled(self) -> bool:
+        return False
+
+    def enable_cache(self, config: Any) -> None:
+        raise FxquantError(f"{type(self).__name__}: diffusers' caching ({type(config).__name__}) hooks the float "
+                           "model's blocks; a quantized graph does not support enable_cache")
 
     def train(self, mode: bool = True) -> "QuantizedModule":
         if mode:

@@ -26,6 +26,7 @@ What is kept (the memory bound, see docs/memory.md):
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Sequence
 from typing import Any, Iterator, Optional
@@ -59,6 +60,9 @@ class Observed(Sequence):
         self._seen: dict[str, int] = {}
         self._last: tuple[Any, ...] = ()
         self._keep = False
+        self.stride = 1  # observe every stride-th call of the module (set before it runs)
+        self._module_calls = 0
+        self._active = False
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -68,6 +72,12 @@ class Observed(Sequence):
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.inputs)
+
+    def with_inputs(self, inputs: Sequence[Any]) -> "Observed":
+        """A shallow copy holding ``inputs`` as its kept calls (the same statistics and samples)."""
+        view = copy.copy(self)
+        view.inputs = list(inputs)
+        return view
 
     @property
     def example(self) -> Any:
@@ -91,6 +101,10 @@ class Observed(Sequence):
     # ------------------------------------------------------------ hooks
 
     def _call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self._active = self._module_calls % self.stride == 0
+        self._module_calls += 1
+        if not self._active:
+            return
         i = self.calls
         self.calls += 1
         where = f"observe({type(module).__name__}) call {i}"
@@ -116,6 +130,8 @@ class Observed(Sequence):
         return True
 
     def _linear(self, name: str, x: torch.Tensor) -> None:
+        if not self._active:
+            return
         n = self._seen[name] = self._seen.get(name, -1) + 1
         key = f"{name}#{n}" if n else name
         self.stats.add(key, x, "call")

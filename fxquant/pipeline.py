@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence
 
 import torch.fx as fx
 
-from . import meta
+from . import memory, meta
 from .artifacts.common import atomic_write
 from .errors import FxquantError, PassError, describe
 from .passes.base import FxquantPass
@@ -109,6 +109,7 @@ class Pipeline:
             except Exception as e:  # noqa: BLE001 - re-raised as its own type, with where it happened
                 raise _where(e, p, done) from e
             done.append(p.name)
+            memory.trim()
             log.info("fxquant: %s done in %.2fs", p.name, time.perf_counter() - t0)
             if self.dump_dir is not None:
                 path = os.path.join(self.dump_dir, f"{len(done):02d}_{p.name}.py")

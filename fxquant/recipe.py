@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import fnmatch
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from .errors import RecipeError
+from .rules import LayerRule, SchemeRule, _enum, _rules, _scheme_rules
 from .schemes import Scheme, info
 
 
@@ -50,93 +50,6 @@ class MisalignedPolicy(str, enum.Enum):
 
     KEEP_FLOAT = "keep_float"
     Q8_0 = "q8_0"  # Q8_0 if in_features is a multiple of 32, else float
-
-
-@dataclass(frozen=True)
-class LayerRule:
-    """A glob (fnmatch) over qualified module names, e.g. ``layers.*.feed_forward.w2``.
-
-    A rule with ``required=True`` that matches no linear in the model is an error,
-    so that a typo never silently protects nothing.
-    """
-
-    pattern: str
-    required: bool = True
-
-    def matches(self, name: str) -> bool:
-        return fnmatch.fnmatchcase(name, self.pattern)
-
-    def to_json(self) -> Any:
-        return self.pattern if self.required else {"pattern": self.pattern, "required": False}
-
-    @staticmethod
-    def parse(value: Any, key: str) -> "LayerRule":
-        if isinstance(value, LayerRule):
-            return value
-        if isinstance(value, str) and value:
-            return LayerRule(value)
-        if (isinstance(value, Mapping) and set(value) <= {"pattern", "required"} and isinstance(value.get("pattern"), str)
-                and value["pattern"] and isinstance(value.get("required", True), bool)):
-            return LayerRule(value["pattern"], value.get("required", True))
-        raise RecipeError(f"recipe.{key}: expected a glob string or {{'pattern': str, 'required': bool}}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class SchemeRule:
-    """Linears whose qualified name matches the glob ``match`` get ``scheme``; the first matching
-    rule wins. A rule with ``required=True`` that matches no linear is an error.
-
-    JSON: ``{"match": "layers.*.feed_forward.w2", "scheme": "q8_0"}`` (``"required": false`` optional).
-    """
-
-    match: str
-    scheme: Scheme
-    required: bool = True
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.match, str) or not self.match:
-            raise RecipeError(f"recipe.rules: 'match' must be a non-empty glob string, got {self.match!r}")
-        object.__setattr__(self, "scheme", _enum(Scheme, self.scheme, "rules[].scheme"))
-        if not isinstance(self.required, bool):
-            raise RecipeError(f"recipe.rules: 'required' must be true or false, got {self.required!r}")
-
-    def matches(self, name: str) -> bool:
-        return fnmatch.fnmatchcase(name, self.match)
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"match": self.match, "scheme": self.scheme.value}
-        if not self.required:
-            out["required"] = False
-        return out
-
-    @staticmethod
-    def parse(value: Any, where: str) -> "SchemeRule":
-        if isinstance(value, SchemeRule):
-            return value
-        if not isinstance(value, Mapping) or not {"match", "scheme"} <= set(value) <= {"match", "scheme", "required"}:
-            raise RecipeError(f"recipe.{where}: expected {{'match': glob, 'scheme': scheme, 'required'?: bool}}, "
-                              f"got {value!r}")
-        return SchemeRule(value["match"], value["scheme"], value.get("required", True))
-
-
-def _rules(values: Iterable[Any], key: str) -> tuple[LayerRule, ...]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
-        raise RecipeError(f"recipe.{key}: expected a list of patterns, got {values!r}")
-    return tuple(LayerRule.parse(v, key) for v in values)
-
-
-def _scheme_rules(values: Any) -> tuple[SchemeRule, ...]:
-    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, (list, tuple)):
-        raise RecipeError(f"recipe.rules: expected a list of {{'match', 'scheme'}} objects, got {values!r}")
-    return tuple(SchemeRule.parse(v, f"rules[{i}]") for i, v in enumerate(values))
-
-
-def _enum(cls: type[enum.Enum], value: Any, key: str) -> Any:
-    try:
-        return cls(value)
-    except ValueError:
-        allowed = ", ".join(repr(m.value) for m in cls)
-        raise RecipeError(f"recipe.{key}: {value!r} is not one of {allowed}") from None
 
 
 # The schemes round_gptq rounds (every quantized weight).
@@ -337,43 +250,6 @@ def _upgrade_format1(data: Mapping[str, Any]) -> Mapping[str, Any]:
     return data
 
 
-# The paper's recipe: SmoothQuant (alpha 0.5) plus mixed-precision protection of the 17 most
-# fragile of Ideogram 4's 279 linears, and the time-embedding output always.
-_PAPER = Recipe(
-    name="int8-w8a8-paper",
-    smoothquant=True,
-    alpha=0.5,
-    protect_top_k=17,
-    protect_reference_linears=279,
-    protect=(LayerRule("t_embedding.mlp_out", required=False),),
-)
-
-PRESETS: dict[str, Recipe] = {
-    # What bench/sensitivity_ablation.py measured best (docs/sensitivity.md): SmoothQuant (alpha 0.5),
-    # the linears whose quantization measurably hurts the output most per float byte kept in float
-    # within 5 % of the linear weight bytes, and GPTQ rounding of the int8 weights.
-    "int8-w8a8": Recipe(name="int8-w8a8", smoothquant=True, alpha=0.5, protect_by=ProtectBy.SENSITIVITY,
-                        protect_budget=0.05, gptq=True),
-    "int8-w8a8-paper": _PAPER,
-    # The paper's recipe with the protected linears stored Q8_0 (weight-only) instead of float.
-    "int8-w8a8-q8": _PAPER.replace(name="int8-w8a8-q8", protect_scheme=Scheme.Q8_0),
-    "w8a8-naive": Recipe(name="w8a8-naive"),
-    # q4_k and q8_0 are llama.cpp's reference encoders, byte for byte (no calibration needed);
-    # the -gptq presets keep their block scales and choose the codes by GPTQ on the calibration
-    # inputs (bench/gptq_gguf.py: 0.10-0.64x the reference codes' error in all 9 planted runs;
-    # docs/gguf.md).
-    "q4_k": Recipe(name="q4_k", default=Scheme.Q4_K),
-    "q4_k-gptq": Recipe(name="q4_k-gptq", default=Scheme.Q4_K, gptq=True),
-    # llama.cpp's Q4_K_M idea: Q4_K, with the most fragile linears (same ranking and k as the
-    # paper's) in Q8_0; linears too narrow for Q4_K's 256-blocks go Q8_0 rather than float; GPTQ
-    # codes (it calibrates anyway).
-    "q4_k_m": Recipe(name="q4_k_m", default=Scheme.Q4_K, protect_top_k=17, protect_reference_linears=279,
-                     protect_scheme=Scheme.Q8_0, misaligned=MisalignedPolicy.Q8_0, gptq=True),
-    "q8_0": Recipe(name="q8_0", default=Scheme.Q8_0),
-    "q8_0-gptq": Recipe(name="q8_0-gptq", default=Scheme.Q8_0, gptq=True),
-}
-
-
 def resolve(recipe: "Recipe | str | os.PathLike[str]") -> Recipe:
     """A `Recipe`, a preset name, or a path to a recipe JSON file -> a `Recipe`."""
     if isinstance(recipe, Recipe):
@@ -391,3 +267,7 @@ def resolve(recipe: "Recipe | str | os.PathLike[str]") -> Recipe:
     if isinstance(recipe, str):
         raise RecipeError(f"recipe {recipe!r} is neither a preset ({sorted(PRESETS)}) nor an existing JSON file")
     raise RecipeError(f"recipe: expected a Recipe, a preset name or a JSON path, got {type(recipe).__name__}")
+
+
+# At the end: the presets are Recipes built from the classes above (re-exported as fxquant.recipe.PRESETS).
+from .presets import PRESETS  # noqa: E402

@@ -16,7 +16,6 @@ linear nodes as cut points): the reason a ``feed_forward.w2`` has outlier channe
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -26,10 +25,11 @@ import torch.fx as fx
 from . import meta
 from .branches import as_branches
 from .artifacts.common import atomic_write, fspath
-from .errors import FormatError, FxquantError, MissingDependencyError
+from .errors import FormatError, FxquantError
 from .ladder import Ladder
 from .passes.score_fragility import spearman
-from .schemes import DecidedBy, SelectionKind
+from .report_plots import plot_ladder, plot_scores
+from .schemes import SelectionKind
 
 GraphLike = Union[fx.GraphModule, Mapping[str, fx.GraphModule]]
 
@@ -66,82 +66,6 @@ def _rows(gm: fx.GraphModule) -> list[dict[str, Any]]:
         row["fed_by"] = feeders[r.name]
         rows.append(row)
     return rows
-
-
-def _plot_fragility(rows: list[dict[str, Any]], title: str, path: str, field: str = "fragility", value: str = "score") -> None:
-    plt = _pyplot()
-    scored = [r for r in rows if field in r]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(rows) + 3), 4.0))
-    xs = range(len(scored))
-    colors = [_color(r.get("selection", {})) for r in scored]
-    prot = [c != COLORS["quantized"] for c in colors]
-    ax.bar(xs, [max(r[field][value], 1e-12) for r in scored], color=colors)
-    ax.set_yscale("log")
-    if scored:  # headroom above the tallest bar for its rotated name and the legend
-        ax.set_ylim(top=max(r[field][value] for r in scored) * 40)
-    ax.set_xlabel("linear (graph order)")
-    ax.set_ylabel("fragility score" if field == "fragility" else "output rel. error, this linear alone W8A8")
-    ax.set_title(title)
-    for x, r, p in zip(xs, scored, prot):
-        if p:
-            ax.annotate(r["name"], (x, r[field][value]), rotation=90, fontsize=6, ha="center", va="bottom")
-    used = [k for k, c in COLORS.items() if c in colors]
-    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in used], labels=used,
-              loc="upper left", fontsize=7)
-    _save_png(fig, path)
-
-
-COLORS = {"protected: top-k": "tab:red", "protected: rule": "tab:orange", "protected: budget": "tab:purple",
-          "skipped": "tab:gray", "quantized": "tab:blue"}
-
-
-def _color(sel: dict[str, Any]) -> str:
-    kind = sel.get("kind", SelectionKind.QUANTIZE)
-    if kind == SelectionKind.QUANTIZE:
-        return COLORS["quantized"]
-    if kind == SelectionKind.SKIPPED:
-        return COLORS["skipped"]
-    return COLORS[{DecidedBy.TOP_K: "protected: top-k", DecidedBy.BUDGET: "protected: budget"}.get(sel.get("by"), "protected: rule")]
-
-
-def _plot_ladder(ladders: list[Ladder], title: str, path: str) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.0, 4.0))
-    for ladder, color in zip(ladders, ("tab:blue", "tab:green", "tab:purple", "tab:brown")):
-        ks = [p.k for p in ladder.points]
-        ax.plot(ks, [p.rel_error for p in ladder.points], "o-", color=color, label=f"by {ladder.by}: pooled")
-        ax.plot(ks, [p.max_rel_error for p in ladder.points], "x--", color=color, alpha=0.5, label=f"by {ladder.by}: worst input")
-        knee = ladder.knee()
-        if knee is not None:
-            e = next(p.rel_error for p in ladder.points if p.k == knee)
-            ax.axvline(knee, color=color, lw=0.8)
-            ax.annotate(f"knee k={knee}", (knee, e), color=color, xytext=(5, 10), textcoords="offset points")
-    ax.set_xlabel("k (top-ranked linears kept in float)")
-    ax.set_ylabel("relative L2 error vs float")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    _save_png(fig, path)
-
-
-def _save_png(fig: Any, path: str) -> None:
-    """Render into memory, then write atomically (matplotlib would write the file in place)."""
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=120)
-    _pyplot().close(fig)
-    atomic_write(path, buf.getvalue(), "report")
-
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        raise MissingDependencyError("report: the PNG plots need matplotlib; install fxquant[report] "
-                                     "(pip install matplotlib)") from None
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _markdown(section: str, g: Optional[meta.GraphRecord], rows: list[dict[str, Any]], png: Optional[str]) -> list[str]:
@@ -252,11 +176,33 @@ def report(gm: GraphLike, path: Union[str, "os.PathLike[str]"],
         >>> fxquant.report(gm, "report/", ladder=fxquant.protection_ladder(model, [0, 2, 4], cal, held))  # doctest: +SKIP
     """
     branches, is_dict = as_branches(gm, "report")
+    ladders = _ladders(ladder, branches, is_dict)
+    path = _folder(path)
+    written: dict[str, str] = {}
+    doc: dict[str, Any] = {"branches": {}}
+    md = ["# fxquant analysis report", ""]
+    for name, g in branches.items():
+        doc["branches"][name], lines = _branch(path, name, g, ladders, written)
+        md += lines
+    written["json"] = os.path.join(path, "report.json")
+    atomic_write(written["json"], json.dumps(doc, indent=2, default=_json_default).encode(), "report")
+    written["markdown"] = os.path.join(path, "report.md")
+    atomic_write(written["markdown"], "\n".join(md).encode(), "report")
+    return written
+
+
+def _ladders(ladder: Any, branches: dict[str, fx.GraphModule], is_dict: bool) -> dict[str, Any]:
+    """Branch name -> its ladder(s), checked against the branches of ``gm``."""
     ladders = dict(ladder) if isinstance(ladder, Mapping) else ({"": ladder} if ladder is not None else {})
     if is_dict and ladder is not None and not isinstance(ladder, Mapping):
         raise FxquantError("report: gm is a dict of branches; give ladder as a dict with the same keys")
     if set(ladders) - set(branches):
         raise FxquantError(f"report: ladder keys {sorted(ladders)} are not branches of gm ({sorted(branches)})")
+    return ladders
+
+
+def _folder(path: Union[str, "os.PathLike[str]"]) -> str:
+    """The report folder, created if missing (a file there is an error)."""
     path = fspath(path, "report")
     if os.path.exists(path) and not os.path.isdir(path):
         raise FormatError(f"report: cannot write the report into {path}: it is a file; give a folder")
@@ -264,40 +210,37 @@ def report(gm: GraphLike, path: Union[str, "os.PathLike[str]"],
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise FormatError(f"report: cannot create the folder {path}: {e.strerror or e}") from None
-    written: dict[str, str] = {}
-    doc: dict[str, Any] = {"branches": {}}
-    md = ["# fxquant analysis report", ""]
-    for name, g in branches.items():
-        if not meta.records(g):
-            raise FxquantError(f"report: branch {name!r} has no fxquant records; was it produced by fxquant.compile?"
-                               if name else "report: this module has no fxquant records; was it produced by fxquant.compile?")
-        suffix = f"_{name}" if name else ""
-        rows, grec = _rows(g), meta.graph_record(g)
-        png: Optional[str] = None
-        if any("fragility" in r for r in rows):  # a recipe without calibration has nothing to plot
-            png = f"fragility{suffix}.png"
-            _plot_fragility(rows, f"fragility per linear{' (' + name + ')' if name else ''}", os.path.join(path, png))
-            written[f"fragility_png{suffix}"] = os.path.join(path, png)
-        md += _markdown(f"Branch `{name}`" if name else "Linears by fragility", grec, rows, png)
-        doc["branches"][name] = {"graph": grec.to_json() if grec is not None else None, "linears": rows}
-        if any("sensitivity" in r for r in rows):
-            sp = f"sensitivity{suffix}.png"
-            _plot_fragility(rows, f"measured sensitivity per linear{' (' + name + ')' if name else ''}",
-                            os.path.join(path, sp), "sensitivity", "error")
-            written[f"sensitivity_png{suffix}"] = os.path.join(path, sp)
-            md += [f"![sensitivity]({sp})", ""]
-        if name in ladders:
-            lads = [ladders[name]] if isinstance(ladders[name], Ladder) else list(ladders[name])
-            lp = f"ladder{suffix}.png"
-            _plot_ladder(lads, f"protection ladder{' (' + name + ')' if name else ''}", os.path.join(path, lp))
-            written[f"ladder_png{suffix}"] = os.path.join(path, lp)
-            md += _ladder_md(lads, lp, f" (`{name}`)" if name else "")
-            doc["branches"][name]["ladder"] = lads[0].to_json() if len(lads) == 1 else [x.to_json() for x in lads]
-    written["json"] = os.path.join(path, "report.json")
-    atomic_write(written["json"], json.dumps(doc, indent=2, default=_json_default).encode(), "report")
-    written["markdown"] = os.path.join(path, "report.md")
-    atomic_write(written["markdown"], "\n".join(md).encode(), "report")
-    return written
+    return path
+
+
+def _branch(path: str, name: str, g: fx.GraphModule, ladders: dict[str, Any], written: dict[str, str]
+            ) -> tuple[dict[str, Any], list[str]]:
+    """One branch's plots (added to ``written``); returns its JSON section and its Markdown lines."""
+    if not meta.records(g):
+        raise FxquantError(f"report: branch {name!r} has no fxquant records; was it produced by fxquant.compile?"
+                           if name else "report: this module has no fxquant records; was it produced by fxquant.compile?")
+    suffix, label = (f"_{name}", f" ({name})") if name else ("", "")
+    rows, grec = _rows(g), meta.graph_record(g)
+    png: Optional[str] = None
+    if any("fragility" in r for r in rows):  # a recipe without calibration has nothing to plot
+        png = f"fragility{suffix}.png"
+        plot_scores(rows, f"fragility per linear{label}", os.path.join(path, png))
+        written[f"fragility_png{suffix}"] = os.path.join(path, png)
+    md = _markdown(f"Branch `{name}`" if name else "Linears by fragility", grec, rows, png)
+    doc: dict[str, Any] = {"graph": grec.to_json() if grec is not None else None, "linears": rows}
+    if any("sensitivity" in r for r in rows):
+        sp = f"sensitivity{suffix}.png"
+        plot_scores(rows, f"measured sensitivity per linear{label}", os.path.join(path, sp), "sensitivity", "error")
+        written[f"sensitivity_png{suffix}"] = os.path.join(path, sp)
+        md += [f"![sensitivity]({sp})", ""]
+    if name in ladders:
+        lads = [ladders[name]] if isinstance(ladders[name], Ladder) else list(ladders[name])
+        lp = f"ladder{suffix}.png"
+        plot_ladder(lads, f"protection ladder{label}", os.path.join(path, lp))
+        written[f"ladder_png{suffix}"] = os.path.join(path, lp)
+        md += _ladder_md(lads, lp, f" (`{name}`)" if name else "")
+        doc["ladder"] = lads[0].to_json() if len(lads) == 1 else [x.to_json() for x in lads]
+    return doc, md
 
 
 def _json_default(v: Any) -> Any:

@@ -120,6 +120,27 @@ def trace(model: torch.nn.Module, example: Any) -> fx.GraphModule:
     orig = (args, kwargs)
     if batch_of(args, kwargs) == 1:
         args, kwargs = repeat_batch((args, kwargs))
+    gm = _export(model, args, kwargs).module()
+    # Imported here: the pass uses graph.py, which imports this module.
+    from .passes.inline_autocast import InlineAutocast
+
+    gm = InlineAutocast()(gm).graph_module
+    _check_repeated_batch_dynamic(gm, orig, (args, kwargs))
+    _own_parameters(gm)
+    return gm
+
+
+def _own_parameters(gm: fx.GraphModule) -> None:
+    """New Parameter objects without grad: the caller's keep their ``requires_grad``."""
+    for name, p in list(gm.named_parameters()):
+        owner, _, leaf = name.rpartition(".")
+        mod = gm.get_submodule(owner) if owner else gm
+        mod._parameters[leaf] = torch.nn.Parameter(p.detach(), requires_grad=False)
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    """``torch.export`` in eval mode with dynamic dims; a failure is a `TraceError` naming the
+    innermost module being traced (the model's training flags are restored either way)."""
     stack: list[str] = []
     flags = {m: m.training for m in model.modules()}
 
@@ -155,17 +176,7 @@ def trace(model: torch.nn.Module, example: Any) -> fx.GraphModule:
             h.remove()
         for m, training in flags.items():
             m.training = training
-    gm = ep.module()
-    # Imported here: the pass uses graph.py, which imports this module.
-    from .passes.inline_autocast import InlineAutocast
-
-    gm = InlineAutocast()(gm).graph_module
-    _check_repeated_batch_dynamic(gm, orig, (args, kwargs))
-    for name, p in list(gm.named_parameters()):  # new Parameter objects: the caller's keep requires_grad
-        owner, _, leaf = name.rpartition(".")
-        mod = gm.get_submodule(owner) if owner else gm
-        mod._parameters[leaf] = torch.nn.Parameter(p.detach(), requires_grad=False)
-    return gm
+    return ep
 
 
 def _check_repeated_batch_dynamic(gm: fx.GraphModule, orig: tuple, traced: tuple) -> None:

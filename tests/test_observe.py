@@ -70,6 +70,37 @@ def test_compile_from_observed_equals_compile_from_inputs(model_and_items):
     assert {r.kind for r in fxquant.summary(gm_default).rows} >= {"quantize", "protected"}
 
 
+def test_stride_observes_every_kth_call(model_and_items):
+    model, items = model_and_items
+    with fxquant.observe(model) as every, fxquant.observe(model, keep_inputs=1) as strided:
+        strided.stride = 2
+        _run(model, items)
+    assert every.calls == 4 and strided.calls == 2 and strided.timesteps == every.timesteps[::2]
+    # the strided statistics are those of calls 0 and 2 alone
+    with fxquant.observe(model, keep_inputs=1) as two:
+        _run(model, items[::2])
+    assert set(two.stats.channel) == set(strided.stats.channel) and len(two.stats.channel) > 20
+    for key in two.stats.channel:
+        a, b = two.stats.result(key), strided.stats.result(key)
+        assert a == b and torch.equal(a.channel_max_abs, b.channel_max_abs), key
+
+
+def test_kept_calls_with_pipeline_arguments_feed_passes_that_rerun(model_and_items):
+    """A pipeline calls the model with return_dict / attention_kwargs: the kept calls are re-run by
+    sensitivity ranking and GPTQ in the graph's own (tensor-only) form."""
+    model, items = model_and_items
+    with fxquant.observe(model, keep_inputs=2) as cal:
+        with torch.no_grad():
+            for it in items:
+                model(**it, return_dict=False, attention_kwargs=None)
+    gm = fxquant.compile(model, "int8-w8a8", calibration=cal)
+    assert "return_dict" in cal[0]  # the user's Observed is not rewritten
+    with torch.no_grad():
+        out = gm(**items[1], return_dict=False)[0]
+        ref = model(**items[1], return_dict=False)[0]
+    assert (out - ref).norm() / ref.norm() < 0.05
+
+
 def test_sample_is_bounded_spread_and_shared_by_readers_of_one_tensor(model_and_items):
     model, items = model_and_items
     many = items * 5  # 20 calls

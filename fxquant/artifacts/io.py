@@ -23,7 +23,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import os
 import re
 from typing import Any, Mapping, Union
 
@@ -33,6 +32,7 @@ import torch.utils._pytree as pytree
 from torch._export.serde import serialize as serde
 
 from .. import meta, module
+from ..branches import as_branches, unless_dict
 from ..errors import FormatError, FxquantError, describe
 from .common import PathLike, atomic_path, fspath, writable
 from ..passes.inline_autocast import InlineAutocast
@@ -61,10 +61,7 @@ def save(model: Union[fx.GraphModule, Mapping[str, fx.GraphModule]], path: PathL
         >>> fxquant.save(fxquant.compile(model, "int8-w8a8", calibration=xs), "model.safetensors")  # doctest: +SKIP
     """
     path = writable(path, "save")
-    is_dict = isinstance(model, Mapping)
-    branches = dict(model) if is_dict else {SINGLE: model}
-    if not branches:
-        raise FxquantError("save: the dict of branches is empty")
+    branches, is_dict = as_branches(model, "save", single=SINGLE)
     for name, gm in branches.items():  # before any export: a wrong argument fails at once
         if not isinstance(gm, fx.GraphModule):
             where = f"branch {name!r} of the dict" if is_dict else "model"
@@ -75,37 +72,41 @@ def save(model: Union[fx.GraphModule, Mapping[str, fx.GraphModule]], path: PathL
                                 "fxquant_version": version(), "torch_version": torch.__version__, "order": list(branches),
                                 "branches": {}}
     for name, gm in branches.items():
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            raise FxquantError(f"save: branch name {name!r} must be a non-empty string of letters, digits, '_', '.', '-'")
-        where = f"branch {name!r}" if is_dict else "module"
-        grec, recs = meta.graph_record(gm), meta.records(gm)
-        if grec is None or not recs:
-            raise FxquantError(f"save: {where} has no fxquant records; was it produced by fxquant.compile?")
         ex = example.get(name) if is_dict and isinstance(example, Mapping) else example
-        ep = export_program(gm, ex)
-        program = serde.serialize(ep, serialize_state_dict=False, serialize_constants=False,
-                                  serialize_example_inputs=False).exported_program
-        tensors[f"{name}/program"] = torch.frombuffer(bytearray(program), dtype=torch.uint8)
-        entries: dict[str, Any] = {f"{name}/program": entry("program", "", tensors[f"{name}/program"])}
-        seen: set[int] = set()
-        params = set(ep.graph_signature.parameters)
-        stored = [("params" if k in params else "buffers", k, v) for k, v in ep.state_dict.items()]
-        for kind, fqn, t in stored + [("constants", k, v) for k, v in ep.constants.items()]:
-            if not isinstance(t, torch.Tensor) or t.dtype not in SAFETENSORS_DTYPE:
-                raise FxquantError(f"save: {where}: {kind} entry {fqn!r} is a {getattr(t, 'dtype', type(t).__name__)}, "
-                                   f"which the format does not store")
-            t = t.detach().cpu().contiguous()
-            ptr = t.untyped_storage().data_ptr()
-            t = t.clone() if ptr in seen and t.numel() else t  # safetensors refuses shared storage
-            seen.add(ptr)
-            tensors[f"{name}/{kind}/{fqn}"] = t
-            entries[f"{name}/{kind}/{fqn}"] = entry(kind, fqn, t)
-        manifest["branches"][name] = {"graph": grec.to_json(), "layers": {r.key: r.to_json() for _, r in recs},
-                                      "schema_version": list(serde.SCHEMA_VERSION), "tensors": entries}
+        manifest["branches"][name] = _save_branch(name, gm, ex, f"branch {name!r}" if is_dict else "module", tensors)
     text = json.dumps(manifest, sort_keys=True)
     digested = json.dumps(digests(json.loads(text)), sort_keys=True)
     with atomic_path(path, "save") as tmp:  # a full disk raises OSError here: FormatError, old file kept
         write_safetensors(tmp, tensors, {MANIFEST_KEY: text, DIGESTS_KEY: digested})
+
+
+def _save_branch(name: str, gm: fx.GraphModule, example: Any, where: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Re-export one branch, add its program and tensors to ``tensors``; returns its manifest section."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise FxquantError(f"save: branch name {name!r} must be a non-empty string of letters, digits, '_', '.', '-'")
+    grec, recs = meta.graph_record(gm), meta.records(gm)
+    if grec is None or not recs:
+        raise FxquantError(f"save: {where} has no fxquant records; was it produced by fxquant.compile?")
+    ep = export_program(gm, example)
+    program = serde.serialize(ep, serialize_state_dict=False, serialize_constants=False,
+                              serialize_example_inputs=False).exported_program
+    tensors[f"{name}/program"] = torch.frombuffer(bytearray(program), dtype=torch.uint8)
+    entries: dict[str, Any] = {f"{name}/program": entry("program", "", tensors[f"{name}/program"])}
+    seen: set[int] = set()
+    params = set(ep.graph_signature.parameters)
+    stored = [("params" if k in params else "buffers", k, v) for k, v in ep.state_dict.items()]
+    for kind, fqn, t in stored + [("constants", k, v) for k, v in ep.constants.items()]:
+        if not isinstance(t, torch.Tensor) or t.dtype not in SAFETENSORS_DTYPE:
+            raise FxquantError(f"save: {where}: {kind} entry {fqn!r} is a {getattr(t, 'dtype', type(t).__name__)}, "
+                               f"which the format does not store")
+        t = t.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        t = t.clone() if ptr in seen and t.numel() else t  # safetensors refuses shared storage
+        seen.add(ptr)
+        tensors[f"{name}/{kind}/{fqn}"] = t
+        entries[f"{name}/{kind}/{fqn}"] = entry(kind, fqn, t)
+    return {"graph": grec.to_json(), "layers": {r.key: r.to_json() for _, r in recs},
+            "schema_version": list(serde.SCHEMA_VERSION), "tensors": entries}
 
 
 def load(path: PathLike) -> Union[fx.GraphModule, dict[str, fx.GraphModule]]:
@@ -145,7 +146,7 @@ def load(path: PathLike) -> Union[fx.GraphModule, dict[str, fx.GraphModule]]:
             checked[key] = t
     out = {name: _build(path, name, manifest["branches"][name], checked, manifest["torch_version"])
            for name in manifest["order"]}
-    return out if manifest["kind"] == "branches" else out[SINGLE]
+    return unless_dict(out, manifest["kind"] == "branches")
 
 
 def _build(path: str, name: str, br: dict[str, Any], tensors: dict[str, torch.Tensor], saved_with: str) -> fx.GraphModule:

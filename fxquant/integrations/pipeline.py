@@ -3,8 +3,9 @@ into the pipeline without ever building their float weights.
 
     pipe = Ideogram4Pipeline.from_pretrained(local_dir, torch_dtype=torch.bfloat16)
     fxquant.quantize_pipeline(pipe, "int8-w8a8", prompts=prompts, num_inference_steps=8)
-        runs pipe(prompt) for each prompt with a hook on each transformer (each CFG branch records
-        the inputs it really sees), compiles them together, and swaps the lowered modules in:
+        runs pipe(prompt) for each prompt with `fxquant.observe` on each transformer (each CFG branch's
+        statistics stream from the inputs it really sees; a couple of calls are kept), compiles them
+        together, and swaps the lowered modules in:
         pipe.transformer, pipe.unconditional_transformer  ->  QuantizedModule
     fxquant.save_pipeline(pipe, "q/")         q/transformer.safetensors, q/unconditional_transformer.safetensors,
                                               q/fxquant_pipeline.json (which files hold which component)
@@ -32,9 +33,11 @@ import torch
 from ..api import compile as fxq_compile
 from ..artifacts.common import PathLike, fspath
 from ..artifacts.io import load, save
-from ..calibrate import record_inputs
 from ..errors import CalibrationError, FormatError, FxquantError
 from ..module import QuantizedModule
+from ..observe import Observed, observe
+from ..passes.fold_smoothing import SmoothOptions
+from ..recipe import resolve
 
 COMPONENTS = ("transformer", "unconditional_transformer", "transformer_2")
 MANIFEST = "fxquant_pipeline.json"
@@ -59,27 +62,27 @@ def transformers_of(pipe: Any, components: Optional[Sequence[str]] = None) -> di
     return found
 
 
-def record_pipeline(pipe: Any, modules: Mapping[str, torch.nn.Module], prompts: Sequence[str], max_items: int,
-                    step_stride: int, **call_kwargs: Any) -> dict[str, Any]:
-    """The calibration source: run ``pipe(prompt, **call_kwargs)`` for each prompt and record what each
-    module is called with (every ``step_stride``-th call, at most ``max_items`` kept per module).
-    The one function to replace for streaming statistics."""
+def observe_pipeline(pipe: Any, modules: Mapping[str, torch.nn.Module], prompts: Sequence[str], keep_inputs: int,
+                     step_stride: int, search_tokens: int, **call_kwargs: Any) -> dict[str, Observed]:
+    """The calibration: run ``pipe(prompt, **call_kwargs)`` for each prompt with `fxquant.observe` on
+    each module (every ``step_stride``-th call): statistics stream, ``keep_inputs`` calls are kept."""
     with contextlib.ExitStack() as stack:
-        recorders = {name: stack.enter_context(record_inputs(m, max_items=max_items)) for name, m in modules.items()}
-        for rec in recorders.values():
-            rec.stride = step_stride
+        observed = {name: stack.enter_context(observe(m, search_tokens=search_tokens, keep_inputs=keep_inputs))
+                    for name, m in modules.items()}
+        for obs in observed.values():
+            obs.stride = step_stride
         with torch.no_grad():
             for prompt in prompts:
                 pipe(prompt, **call_kwargs)
-    for name, rec in recorders.items():
-        if not len(rec):
+    for name, obs in observed.items():
+        if not obs.calls:
             raise CalibrationError(f"quantize_pipeline: {type(pipe).__name__}.{name} was never called while the "
                                    f"pipeline ran on {len(prompts)} prompt(s)")
-    return recorders
+    return observed
 
 
 def quantize_pipeline(pipe: Any, recipe: Any, prompts: Union[str, Sequence[str]], num_inference_steps: int = 8,
-                      step_stride: int = 1, max_items: int = 16, components: Optional[Sequence[str]] = None,
+                      step_stride: int = 1, keep_inputs: int = 2, components: Optional[Sequence[str]] = None,
                       seed: int = 0, **call_kwargs: Any) -> dict[str, QuantizedModule]:
     """Calibrate each transformer of ``pipe`` on the inputs the pipeline gives it, compile, and swap
     the quantized modules in (in place).
@@ -90,8 +93,11 @@ def quantize_pipeline(pipe: Any, recipe: Any, prompts: Union[str, Sequence[str]]
         prompts: the calibration prompts (a string is one prompt); each is the pipeline's first
             argument, so a class-conditional pipeline (DiT) takes lists of class labels here.
         num_inference_steps: denoising steps per prompt while calibrating.
-        step_stride: record every ``step_stride``-th call of each transformer (1: every step).
-        max_items: the most calibration inputs kept per transformer (evenly spread, see `record_inputs`).
+        step_stride: observe every ``step_stride``-th call of each transformer (1: every step).
+        keep_inputs: calls whose arguments are kept per transformer (evenly spread, see
+            `fxquant.observe`): the tracing example and what sensitivity ranking and GPTQ re-run.
+            Every other observed call only adds to running statistics, so memory does not grow
+            with the number of prompts or steps.
         components: the attributes to quantize (default: every one of `COMPONENTS` the pipeline has).
         seed: the generator seed of the calibration runs.
         **call_kwargs: more arguments for ``pipe(...)`` (``height``, ``width``, ``guidance_scale``, ...).
@@ -118,9 +124,11 @@ def quantize_pipeline(pipe: Any, recipe: Any, prompts: Union[str, Sequence[str]]
     if "output_type" in inspect.signature(type(pipe).__call__).parameters:
         call_kwargs.setdefault("output_type", "latent")  # the VAE decode calibrates nothing
     call_kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
-    recorded = record_pipeline(pipe, modules, prompts, max_items, step_stride,
-                               num_inference_steps=num_inference_steps, **call_kwargs)
-    quantized = fxq_compile(modules, recipe, calibration=recorded)
+    recipe = resolve(recipe)
+    search = SmoothOptions().search_tokens if recipe.smoothquant and recipe.alpha_search else 0
+    observed = observe_pipeline(pipe, modules, prompts, keep_inputs, step_stride, search,
+                                num_inference_steps=num_inference_steps, **call_kwargs)
+    quantized = fxq_compile(modules, recipe, calibration=observed)
     for name, gm in quantized.items():
         setattr(pipe, name, gm)
     return quantized

@@ -35,50 +35,13 @@ import torch.fx as fx
 from .. import graph, meta
 from ..errors import LoraError
 from ..schemes import SmoothingTarget
-from .files import TRANSFORMER, UNCONDITIONAL, LoraLayer, LoraSource, LoraWeights, load_lora
+from .files import LoraLayer, LoraSource, load_lora
+from .targets import DEFAULT_PREFIXES, Target, branches, graph_modules  # noqa: F401 - DEFAULT_PREFIXES re-exported
 
 LORA = torch.ops.fxquant.lora.default
 MUL = torch.ops.aten.mul.Tensor
 ROOT = "fxquant_lora"  # submodule holding every adapter's tensors
 CUSTOM_KEY = "fxquant_lora"  # node.meta["custom"] entry of a branch node: {"adapter", "module"}
-DEFAULT_PREFIXES = {"cond": TRANSFORMER, "uncond": UNCONDITIONAL}
-PIPELINE_COMPONENTS = (TRANSFORMER, UNCONDITIONAL)
-
-Target = Union[fx.GraphModule, Mapping[str, fx.GraphModule], Any]
-
-
-def graph_modules(module: Target, who: str) -> list[tuple[str, fx.GraphModule]]:
-    """(label, GraphModule) for each branch of a module, a dict of branches or a pipeline."""
-    if isinstance(module, fx.GraphModule):
-        return [("module", _graph_module(module, "module", who))]
-    if isinstance(module, Mapping):
-        return [(str(label), _graph_module(gm, f"branch {label!r}", who)) for label, gm in module.items()]
-    found = [(c, getattr(module, c)) for c in PIPELINE_COMPONENTS if getattr(module, c, None) is not None]
-    if not found:
-        raise LoraError(f"{who}: expected a compiled GraphModule, a dict of them, or a pipeline with compiled "
-                        f"transformer(s); got {type(module).__name__}")
-    return [(c, _graph_module(m, f"pipe.{c}", who)) for c, m in found]
-
-
-def branches(module: Target, prefixes: Union[str, Mapping[str, str], None], who: str) -> list[tuple[str, fx.GraphModule, str]]:
-    """(description, GraphModule, component) for each branch of ``module`` (see the module docstring)."""
-    found = graph_modules(module, who)
-    if isinstance(module, fx.GraphModule):
-        return [("module", found[0][1], prefixes if isinstance(prefixes, str) else TRANSFORMER)]
-    if not isinstance(module, Mapping):
-        return [(f"pipe.{c}", gm, c) for c, gm in found]
-    table = dict(DEFAULT_PREFIXES) if prefixes is None else dict(prefixes)
-    for label, _ in found:
-        if label not in table:
-            raise LoraError(f"{who}: branch {label!r} has no key prefix; pass prefixes={{{label!r}: 'transformer', ...}}")
-    return [(f"branch {label!r}", gm, table[label]) for label, gm in found]
-
-
-def _graph_module(m: Any, where: str, who: str) -> fx.GraphModule:
-    gm = m if isinstance(m, fx.GraphModule) else getattr(m, "graph_module", None)
-    if not isinstance(gm, fx.GraphModule) or not meta.records(gm):
-        raise LoraError(f"{who}: {where} is a {type(m).__name__}, not a module from fxquant.compile / fxquant.load")
-    return gm
 
 
 def adapters(gm: fx.GraphModule) -> dict[str, float]:

@@ -13,9 +13,11 @@ from typing import Any, Mapping, Union
 
 import torch
 
+from ..branches import as_branches, unless_dict
 from ..errors import LoraError
-from .apply import DEFAULT_PREFIXES, check_scale
-from .files import TRANSFORMER, LoraSource, load_lora
+from .apply import check_scale
+from .files import LoraSource, load_lora
+from .targets import prefix_table, single_prefix
 
 Model = Union[torch.nn.Module, Mapping[str, torch.nn.Module]]
 
@@ -41,14 +43,12 @@ def merge_lora(model: Model, lora: LoraSource, scale: float = 1.0, *,
     """
     scale = check_scale(scale, "merge_lora")
     weights = load_lora(lora, config)
-    if isinstance(model, Mapping):
-        table = dict(DEFAULT_PREFIXES) if prefixes is None else dict(prefixes)
-        missing = [k for k in model if k not in table]
-        if missing:
-            raise LoraError(f"merge_lora: branch {missing[0]!r} has no key prefix; pass prefixes={{{missing[0]!r}: ...}}")
-        parts = {k: (m, table[k], f"branch {k!r}") for k, m in model.items()}
+    models, is_dict = as_branches(model, "merge_lora", error=LoraError)
+    if is_dict:
+        table = prefix_table(list(models), prefixes, "merge_lora")
+        parts = {k: (m, table[k], f"branch {k!r}") for k, m in models.items()}
     else:
-        parts = {None: (model, prefixes if isinstance(prefixes, str) else TRANSFORMER, "model")}
+        parts = {k: (m, single_prefix(prefixes), "model") for k, m in models.items()}
     if not weights.layers:
         raise LoraError(f"merge_lora: {weights.source} has no LoRA layers; nothing to merge")
     claimed = {comp for _, comp, _ in parts.values()}
@@ -57,7 +57,7 @@ def merge_lora(model: Model, lora: LoraSource, scale: float = 1.0, *,
             raise LoraError(f"merge_lora: {weights.source}: key {layer.key!r} is for component {comp!r}, which none of "
                             f"the branches is (their key prefixes: {sorted(claimed)})")
     out = {k: _merge_one(m, weights, comp, where, scale) for k, (m, comp, where) in parts.items()}
-    return out[None] if None in out else out
+    return unless_dict(out, is_dict)
 
 
 def _merge_one(model: torch.nn.Module, weights, comp: str, where: str, scale: float) -> torch.nn.Module:

@@ -23,7 +23,7 @@ float32 buffer ``<first member>.smooth_vector`` = s per group,
 
 and the lowering computes one layer's effective weight at a time (`fxquant.graph.weight`);
 ``materialize_folds`` bakes what stays float. Within the pass, decided folds wait in a table
-(read through `_Deferred.value`) and join the graph at the end, so the fold finder always walks
+(read through `deferred.Deferred.value`) and join the graph at the end, so the fold finder always walks
 the graph as traced.
 
 Order: groups are smoothed downstream first, so each vector is computed on its group's final
@@ -48,8 +48,8 @@ import torch.fx as fx
 from ... import graph, meta
 from ...errors import PassError, RecipeError
 from ...observe import Observed
-from ...ops.fold import scale_region, scale_rows
 from ...schemes import SelectionKind, info
+from .deferred import Deferred
 from .fold_targets import FoldFinder
 from .smoothing import Fold, ParamFold, overlapping, search_alpha, smoothing_vector
 from ..base import FxquantPass, PassResult, require_records
@@ -132,7 +132,7 @@ class FoldSmoothing(FxquantPass):
         wanted = [x for x, ms in groups.items() if any(_smoothed(recs[m]) for m in ms)]
         samples = self._samples(gm, wanted, groups, recs) if self.options.alpha_search else {}
         claimed: list[ParamFold] = []  # what earlier groups folded into: a later group must not refold it
-        self._deferred = _Deferred(gm)
+        self._deferred = Deferred(gm)
         modified = False
         # Downstream groups first: a fold writes only into parameters upstream of its group's input
         # (w2's vector into w3's rows, to_out's into to_v's), so every group's max|W_j| and alpha
@@ -248,65 +248,3 @@ class FoldSmoothing(FxquantPass):
 def _smoothed(rec: meta.LinearRecord) -> bool:
     """Does the linear's own scheme quantize its input (so that its statistics decide s)?"""
     return info(rec.selection.scheme).quantized_activations
-
-
-class _Deferred:
-    """The folds one run of the pass decided, in order, per parameter target; joined to the graph
-    as ``fxquant::scale_param`` chains by `emit` (see the module docstring)."""
-
-    def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm = gm
-        self.todo: dict[str, list[tuple[str, tuple[int, ...], int, float, bool]]] = {}
-
-    def vector(self, group: str, s: torch.Tensor) -> str:
-        """Register ``s`` (float32) as the group's ``smooth_vector`` buffer; returns its target."""
-        target = f"{group}.smooth_vector"
-        graph.set_buffer(self.gm, target, s.detach().float())
-        return target
-
-    def add(self, target: str, s_target: str, dims: tuple[int, ...], start: int, shift: float, divide: bool) -> None:
-        self.todo.setdefault(target, []).append((s_target, tuple(dims), start, shift, divide))
-
-    def value(self, target: str) -> torch.Tensor:
-        """The parameter as the folds decided so far make it (the original if none: no copy)."""
-        v = graph.get_attr(self.gm, target)
-        for s_target, dims, start, shift, divide in self.todo.get(target, ()):
-            v = scale_region(v, graph.get_attr(self.gm, s_target), list(dims), start, shift, divide)
-        return v
-
-    def weight(self, node: fx.Node) -> torch.Tensor:
-        return self.value(str(node.args[1].target))
-
-    def col_absmax(self, node: fx.Node, slice_elems: int = 1 << 22) -> torch.Tensor:
-        """max |W| per input channel of a linear's weight as the folds so far make it, computed a
-        slice of rows at a time (no full-size copy of the weight or of |W|)."""
-        target = str(node.args[1].target)
-        base = graph.get_attr(self.gm, target)
-        folds = [(graph.get_attr(self.gm, s_t), *rest) for s_t, *rest in self.todo.get(target, ())]
-        step = max(1, slice_elems // max(1, base[0].numel()))
-        out = None
-        for i in range(0, base.shape[0], step):
-            block = base[i:i + step]
-            for s, dims, start, shift, divide in folds:
-                block = scale_rows(block, s, list(dims), start, shift, divide, i, base.ndim)
-            m = block.abs().amax(0)
-            out = m if out is None else torch.maximum(out, m)
-        return out
-
-    def emit(self) -> None:
-        g = self.gm.graph
-        for target, folds in self.todo.items():
-            for attr in [n for n in g.nodes if n.op == "get_attr" and n.target == target]:
-                users = list(attr.users)
-                if not users:
-                    continue
-                head = attr
-                first = min(users, key=lambda u: list(g.nodes).index(u)) if len(users) > 1 else users[0]
-                with g.inserting_before(first):
-                    for s_target, dims, start, shift, divide in folds:
-                        sv = g.get_attr(s_target)
-                        head = g.call_function(graph.SCALE_PARAM, (head, sv, list(dims), start, shift, divide))
-                        if "val" in attr.meta:
-                            head.meta["val"] = attr.meta["val"]
-                for u in users:
-                    u.replace_input_with(attr, head)

@@ -69,40 +69,56 @@ def view_input_dims(n: fx.Node, v: torch.Tensor, dims: tuple[int, ...], start: i
     if start:
         return None
     if t is aten.flatten.using_ints:
-        s, e = norm_dim(a[1] if len(a) > 1 else 0, src.ndim), norm_dim(a[2] if len(a) > 2 else -1, src.ndim)
-        out: list[int] = []
-        for x in dims:
-            out += list(range(s, e + 1)) if x == s else [x if x < s else x + (e - s)]
-        return tuple(out)
+        return _flatten_dims(a, src, dims)
     if t is aten.unflatten.int:
-        d, k = norm_dim(a[1], src.ndim), len(a[2])
-        run = tuple(range(d, d + k))
-        out = []
-        i = 0
-        while i < len(dims):
-            if dims[i] == d:
-                if tuple(dims[i:i + k]) != run:
-                    return None
-                out.append(d)
-                i += k
-            elif d < dims[i] < d + k:
-                return None
-            else:
-                out.append(dims[i] if dims[i] < d else dims[i] - (k - 1))
-                i += 1
-        return tuple(out)
+        return _unflatten_dims(a, src, dims)
     if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
-        k = len(dims)
-        if dims != tuple(range(v.ndim - k, v.ndim)):
+        return _view_dims(src, v, dims, channels)
+    return None
+
+
+def _flatten_dims(a: tuple, src: torch.Tensor, dims: tuple[int, ...]) -> tuple[int, ...]:
+    """flatten(s, e): output dim s is input dims s..e; later dims shift by e - s."""
+    s, e = norm_dim(a[1] if len(a) > 1 else 0, src.ndim), norm_dim(a[2] if len(a) > 2 else -1, src.ndim)
+    out: list[int] = []
+    for x in dims:
+        out += list(range(s, e + 1)) if x == s else [x if x < s else x + (e - s)]
+    return tuple(out)
+
+
+def _unflatten_dims(a: tuple, src: torch.Tensor, dims: tuple[int, ...]) -> Optional[tuple[int, ...]]:
+    """unflatten(d, sizes): output dims d..d+k-1 are input dim d; only the whole run maps back."""
+    d, k = norm_dim(a[1], src.ndim), len(a[2])
+    run = tuple(range(d, d + k))
+    out = []
+    i = 0
+    while i < len(dims):
+        if dims[i] == d:
+            if tuple(dims[i:i + k]) != run:
+                return None
+            out.append(d)
+            i += k
+        elif d < dims[i] < d + k:
             return None
-        prod = 1
-        for m in range(1, src.ndim + 1):
-            size = src.shape[-m]
-            if not isinstance(size, int):
-                return None
-            prod *= size
-            if prod == channels:
-                return tuple(range(src.ndim - m, src.ndim))
-            if prod > channels:
-                return None
+        else:
+            out.append(dims[i] if dims[i] < d else dims[i] - (k - 1))
+            i += 1
+    return tuple(out)
+
+
+def _view_dims(src: torch.Tensor, v: torch.Tensor, dims: tuple[int, ...], channels: int) -> Optional[tuple[int, ...]]:
+    """view / reshape: the channels must be the trailing dims of both sides (static sizes only)."""
+    k = len(dims)
+    if dims != tuple(range(v.ndim - k, v.ndim)):
+        return None
+    prod = 1
+    for m in range(1, src.ndim + 1):
+        size = src.shape[-m]
+        if not isinstance(size, int):
+            return None
+        prod *= size
+        if prod == channels:
+            return tuple(range(src.ndim - m, src.ndim))
+        if prod > channels:
+            return None
     return None
