@@ -149,6 +149,8 @@ class Rounding:
     once the bytes hold it, keeps the record without the grid (the one field a second pass
     touches, so that the compiled module does not carry 0.5 bit per weight twice). The grid is not
     mirrored to JSON. (W8A8 needs no record: its pinned weight gives back its own scale.)
+    ``method="rtn"`` (any scheme, no grid): the weight's own Hessian was over ``hessian_bytes``, so
+    GPTQ left it to the lowering's round-to-nearest.
     """
 
     method: str = "gptq"

@@ -168,7 +168,7 @@ def build(recipe: Recipe, calibration: Sequence[Any] | None = None, label: str =
     if recipe.smoothquant:
         rewrite.append(FoldSmoothing(recipe.alpha, recipe.alpha_search, calibration))
     if recipe.gptq:
-        rewrite.append(RoundGPTQ(calibration, recipe.gptq_damp))
+        rewrite.append(RoundGPTQ(calibration, recipe.gptq_damp, recipe.gptq_hessian_bytes))
     rewrite += lowerings(recipe)
     if recipe.smoothquant:
         rewrite.append(MaterializeFolds())  # after every lowering: bakes what stays float

@@ -88,6 +88,10 @@ class Recipe:
             W8A8 linears' int8 codes on the RTN per-channel scale, and the Q4_K / Q8_0 linears'
             codes on the block scales (and mins) llama.cpp's reference encoder computes.
         gptq_damp: GPTQ's Hessian damping, a fraction of its mean diagonal.
+        gptq_hessian_bytes: the most memory GPTQ's Hessians take at once (float32 ``in_features^2``
+            per distinct input, plus about 3x that while one weight is rounded). A linear whose own
+            Hessian is larger keeps round-to-nearest (logged; its record says ``rounding: rtn``):
+            Ideogram 4's ``llm_cond_proj`` (53248 inputs) needs 11.3 GB. Default 2 GiB.
     """
 
     name: str = "custom"
@@ -109,6 +113,7 @@ class Recipe:
     sensitivity_samples: int = 2
     gptq: bool = False
     gptq_damp: float = 0.01
+    gptq_hessian_bytes: int = 2 << 30
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -150,7 +155,7 @@ class Recipe:
             object.__setattr__(self, key, float(v))
         if self.gptq and not self.gptq_damp > 0:
             raise RecipeError(f"recipe.gptq_damp: expected a number in (0, 1] with gptq, got {self.gptq_damp!r}")
-        for key, low in (("protect_budget_bytes", 0), ("sensitivity_samples", 1)):
+        for key, low in (("protect_budget_bytes", 0), ("sensitivity_samples", 1), ("gptq_hessian_bytes", 1)):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise RecipeError(f"recipe.{key}: expected an integer >= {low}, got {v!r}")

@@ -36,7 +36,10 @@ only the codes differ. A linear already rounded (``rounding`` set) is declined.
 Memory: one Hessian per distinct input (q/k/v share one), ``in_features^2`` float32 each
 (12288^2 = 600 MB for Ideogram 4's w2). Inputs are processed in chunks whose Hessians fit
 ``hessian_bytes``; each chunk costs one forward pass per calibration input, and its Hessians are
-freed before the next chunk.
+freed before the next chunk. A weight whose own Hessian exceeds ``hessian_bytes`` is not rounded
+by GPTQ: it keeps the lowering's round-to-nearest, its record says ``rounding: rtn`` and the pass
+logs it (Ideogram 4's ``llm_cond_proj``, 53248 inputs: an 11.3 GB Hessian, about 45 GB while
+rounded, would not fit the 24 GB machine a branch otherwise compiles on).
 """
 
 from __future__ import annotations
@@ -151,7 +154,8 @@ class RoundGPTQ(FxquantPass):
     Args:
         calibration: the example inputs (as given to ``compile``).
         damp: Hessian damping, a fraction of the mean diagonal (> 0).
-        hessian_bytes: memory for the Hessians held at once (float32 ``in^2`` per distinct input).
+        hessian_bytes: memory for the Hessians held at once (float32 ``in^2`` per distinct input); a
+            weight whose own Hessian is larger keeps round-to-nearest (``rounding: rtn``).
 
     Raises:
         PassError: no ``selection`` (run select_schemes first), the new weight does not give back
@@ -179,9 +183,10 @@ class RoundGPTQ(FxquantPass):
         for node, rec in meta.records(gm):
             if graph.is_linear(node) and self._owns(rec):  # lowered nodes are declined
                 users.setdefault(str(graph.param_root(node.args[1]).target), []).append(node)
+        modified = self._too_wide(users)
         if not users:
-            return PassResult(gm, False)
-        self.forwards, modified = 0, False
+            return PassResult(gm, modified)
+        self.forwards = 0
         for chunk in self._chunks(users):
             hess = self._hessians(gm, {x for t in chunk for n in users[t] for x in [n.args[0]]})
             for target in chunk:
@@ -210,12 +215,26 @@ class RoundGPTQ(FxquantPass):
 
     @staticmethod
     def _owns(rec: meta.LinearRecord) -> bool:
-        """W8A8 linears; GGUF ones not rounded yet whose width fits the block (lower_gguf refuses the others)."""
+        """W8A8 linears; GGUF ones whose width fits the block (lower_gguf refuses the others); none
+        with a rounding record (already rounded, or left to round-to-nearest)."""
         scheme = rec.selection.scheme
+        if rec.rounding is not None:
+            return False
         if scheme is Scheme.W8A8:
             return True
-        return (scheme.value in codecs.BLOCKS and rec.rounding is None
-                and rec.in_features % codecs.BLOCKS[scheme.value][0] == 0)
+        return scheme.value in codecs.BLOCKS and rec.in_features % codecs.BLOCKS[scheme.value][0] == 0
+
+    def _too_wide(self, users: dict[str, list[fx.Node]]) -> bool:
+        """Leave the weights whose own Hessian exceeds ``hessian_bytes`` to round-to-nearest
+        (removed from ``users``, recorded as ``rounding: rtn``); True if there were any."""
+        wide = [t for t, nodes in users.items() if 4 * meta.get(nodes[0]).in_features ** 2 > self.hessian_bytes]
+        for target in wide:
+            for n in users.pop(target):
+                meta.update(n, rounding=meta.Rounding("rtn", 0.0))
+            log.warning("%s: %s keeps round-to-nearest: its Hessian (%d inputs, %.1f GB float32) is over "
+                        "hessian_bytes=%d (recipe.gptq_hessian_bytes)", self.name, target,
+                        meta.get(n).in_features, 4 * meta.get(n).in_features ** 2 / 1e9, self.hessian_bytes)
+        return bool(wide)
 
     def _int8(self, target: str, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         codes = gptq_codes(w, h, self.damp)

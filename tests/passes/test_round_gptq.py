@@ -74,7 +74,7 @@ def test_pass_rewrites_weights_only_and_the_lowering_uses_the_gptq_codes():
     cal = calib()
     SelectSchemes(SelectOptions(protect=(LayerRule("fc2"),)))(gm)
     code = gm.code
-    p = RoundGPTQ(cal, hessian_bytes=1)  # one weight per chunk
+    p = RoundGPTQ(cal, hessian_bytes=4 * 32 ** 2)  # one weight per chunk
     assert p(gm).modified is True
     assert gm.code == code and count(gm, LINEAR) == 2  # same graph, new constants
     assert p.forwards == len(cal)  # fc1 only: one chunk
@@ -85,6 +85,27 @@ def test_pass_rewrites_weights_only_and_the_lowering_uses_the_gptq_codes():
     LowerW8A8()(gm)
     assert torch.equal(gm.get_buffer("fc1.weight_int8"), expected)
     assert torch.equal(gm.get_buffer("fc1.weight_scale"), quantize_weight_per_channel(m.fc1.weight)[1])
+
+
+def test_a_weight_whose_hessian_is_over_budget_keeps_round_to_nearest(caplog):
+    m, gm = traced()
+    SelectSchemes(SelectOptions())(gm)
+    widths = {n: meta.get(n).in_features for n, _ in meta.records(gm)}
+    small = min(widths.values())
+    p = RoundGPTQ(calib(), hessian_bytes=4 * small ** 2)  # only the narrowest input's Hessian fits
+    with caplog.at_level("WARNING", logger="fxquant"):
+        assert p(gm).modified is True
+    for node, rec in meta.records(gm):
+        target = str(node.args[1].target)
+        if rec.in_features > small:
+            assert rec.rounding == meta.Rounding("rtn", 0.0) and target in caplog.text
+            assert torch.equal(gm.get_parameter(target), m.get_parameter(target))  # RTN: the weight as it was
+        else:
+            assert rec.rounding is None and not torch.equal(gm.get_parameter(target), m.get_parameter(target))
+    assert "recipe.gptq_hessian_bytes" in caplog.text
+    code, w = gm.code, {k: v.clone() for k, v in gm.state_dict().items()}
+    assert p(gm).modified is False and gm.code == code  # declined on a second run
+    assert all(torch.equal(gm.state_dict()[k], v) for k, v in w.items())
 
 
 def test_preconditions():
