@@ -44,7 +44,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .trace import as_args_kwargs
+from .trace import as_args_kwargs, exported_module
 
 KEY = "fxquant_dtype"  # in node.meta["custom"]: indices of the node's leaves that follow the compute dtype
 BUFFER = "_fxquant_compute"
@@ -77,8 +77,6 @@ def _dtype_nodes(g: fx.Graph) -> list[fx.Node]:
 def _probe(model: torch.nn.Module, example: Any, dtype: torch.dtype) -> fx.GraphModule:
     """``model`` traced on fake tensors with every float parameter, buffer and input in ``dtype``
     (static shapes; autocast regions inlined as `trace` does)."""
-    from .passes.inline_autocast import InlineAutocast  # here: the pass imports graph.py, which imports trace.py
-
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         memo: dict[int, Any] = {}
         for t in list(model.parameters()) + list(model.buffers()):
@@ -92,7 +90,7 @@ def _probe(model: torch.nn.Module, example: Any, dtype: torch.dtype) -> fx.Graph
             if isinstance(v, torch.Tensor) else v, (args, kwargs))
         with torch.no_grad():
             ep = torch.export.export(fake.eval(), args, kwargs, strict=False)
-        return InlineAutocast()(ep.module()).graph_module
+        return exported_module(ep)
 
 
 def _probe_dtype(dtype: torch.dtype) -> torch.dtype:

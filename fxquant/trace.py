@@ -120,11 +120,7 @@ def trace(model: torch.nn.Module, example: Any) -> fx.GraphModule:
     orig = (args, kwargs)
     if batch_of(args, kwargs) == 1:
         args, kwargs = repeat_batch((args, kwargs))
-    gm = _export(model, args, kwargs).module()
-    # Imported here: the pass uses graph.py, which imports this module.
-    from .passes.inline_autocast import InlineAutocast
-
-    gm = InlineAutocast()(gm).graph_module
+    gm = exported_module(_export(model, args, kwargs))
     _check_repeated_batch_dynamic(gm, orig, (args, kwargs))
     _own_parameters(gm)
     return gm
@@ -136,6 +132,17 @@ def _own_parameters(gm: fx.GraphModule) -> None:
         owner, _, leaf = name.rpartition(".")
         mod = gm.get_submodule(owner) if owner else gm
         mod._parameters[leaf] = torch.nn.Parameter(p.detach(), requires_grad=False)
+
+
+
+def exported_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
+    """``ep.module()`` in the form `trace` returns: ``torch.autocast`` regions inlined
+    (`passes.inline_autocast`), so ``torch.compile`` traces it at every shape. `fxquant.load` and
+    `fxquant.dtypes` rebuild modules through it."""
+    # Imported here: the pass uses graph.py, which imports this module.
+    from .passes.inline_autocast import InlineAutocast
+
+    return InlineAutocast()(ep.module()).graph_module
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:

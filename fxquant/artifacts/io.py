@@ -34,8 +34,8 @@ from torch._export.serde import serialize as serde
 from .. import meta, module
 from ..branches import as_branches, unless_dict
 from ..errors import FormatError, FxquantError, describe
+from ..trace import exported_module
 from .common import PathLike, atomic_path, fspath, writable
-from ..passes.inline_autocast import InlineAutocast
 from .export import export_program
 from .manifest import (DIGESTS_KEY, FORMAT, FORMAT_VERSION, MANIFEST_KEY, SAFETENSORS_DTYPE, SINGLE, check_manifest,
                        digests, entry, find_entry, read_header, sha256, write_safetensors)
@@ -165,7 +165,7 @@ def _build(path: str, name: str, br: dict[str, Any], tensors: dict[str, torch.Te
         sp = serde._bytes_to_dataclass(serde.ExportedProgram, program)
         import_output_types(sp)
         ep = serde.ExportedProgramDeserializer().deserialize(sp, state, constants, None)
-        gm = InlineAutocast()(ep.module()).graph_module  # as after tracing: torch.compile needs it
+        gm = exported_module(ep)  # as after tracing: torch.compile needs it
     except Exception as e:  # noqa: BLE001 - a program torch cannot rebuild is a format problem here
         raise FormatError(f"{path}: tensor '{name}/program': torch {torch.__version__} cannot deserialize the program "
                           f"(saved with torch {saved_with}): {describe(e)}") from e
