@@ -261,16 +261,23 @@ def cli_branches(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("out, expected", [("outdir/", ["outdir/cond.pt2", "outdir/uncond.pt2"]),
-                                           ("noext", ["noext.cond.pt2", "noext.uncond.pt2"]),
-                                           ("m.pt2", ["m.cond.pt2", "m.uncond.pt2"])])
-def test_cli_export_names_per_branch_files_with_their_extension(cli_branches, tmp_path, out, expected):
+def test_cli_export_names_per_branch_files_with_their_extension(cli_branches, tmp_path):
+    """One real export into a folder (each file a verified .pt2); the naming rule for the other
+    --out forms is the same function, checked directly (a real export costs two torch.exports)."""
+    from fxquant.commands import _per_branch
+
     (tmp_path / "outdir").mkdir()
-    rc, stdout, err = run("export", cli_branches, "--format", "pt2", "--out", f"{tmp_path}/{out}", "-q")
+    rc, stdout, err = run("export", cli_branches, "--format", "pt2", "--out", f"{tmp_path}/outdir/", "-q")
     assert rc == 0, err
-    assert stdout.split() == [str(tmp_path / e) for e in expected]
+    expected = [tmp_path / "outdir" / "cond.pt2", tmp_path / "outdir" / "uncond.pt2"]
+    assert stdout.split() == [str(e) for e in expected]
     for e in expected:
-        fxquant.load_pt2(tmp_path / e)  # each one a verified .pt2
+        fxquant.load_pt2(e)  # each one a verified .pt2
+    for out, names in (("noext", ["noext.cond.pt2", "noext.uncond.pt2"]), ("m.pt2", ["m.cond.pt2", "m.uncond.pt2"]),
+                       ("outdir", ["outdir/cond.pt2", "outdir/uncond.pt2"])):  # an existing folder without "/"
+        assert [_per_branch(f"{tmp_path}/{out}", b, True, "pt2") for b in ("cond", "uncond")] == \
+            [str(tmp_path / n) for n in names]
+    assert _per_branch(f"{tmp_path}/one.gguf", "", False, "gguf") == f"{tmp_path}/one.gguf"
 
 
 def test_cli_export_into_a_missing_folder_is_named(cli_branches, tmp_path):
