@@ -121,6 +121,18 @@ def test_decode_reads_unaligned_and_sliced_bytes():
     assert same_bits(gguf_cpu.dequantize(odd, "q8_0", 64, torch.float32), codecs.dequantize(qbytes, "q8_0"))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_transpose_into_a_column_slice(dtype):
+    """The C transpose (2- and 4-byte dtypes; torch's copy for others) writes exactly its columns."""
+    lib = gguf_native.library()
+    if lib is None:
+        pytest.skip("no C compiler on this machine") if not HAS_CC else pytest.fail("the C decoder did not build")
+    src = torch.randn(37, 45, dtype=torch.float64).to(dtype)  # not multiples of the 32 x 32 blocks
+    out = torch.zeros(45, 100, dtype=dtype)
+    gguf_native.transpose_into(lib, src, out[:, 50:87])
+    assert torch.equal(out[:, 50:87], src.t()) and not out[:, :50].any() and not out[:, 87:].any()
+
+
 @pytest.mark.parametrize("native", ["1", "0"], ids=["c", "torch"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("qtype,k", [("q4_k", 512), ("q8_0", 160)])

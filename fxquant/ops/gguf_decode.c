@@ -172,3 +172,21 @@ DEFINE_Q4_K(fxq_q4_k_f32, float, keep_f32)
 DEFINE_Q4_K(fxq_q4_k_bf16, uint16_t, to_bf16)
 DEFINE_Q4_K(fxq_q4_k_f16, uint16_t, to_fp16)
 #endif
+
+/* dst[c * ld + r] = src[r * cols + c]: a GEMM's [rows, cols] tile of the transposed output into
+ * its columns of the output (torch's copy of a transposed 2-byte tensor runs ~5x slower). Blocks of
+ * 32 x 32 keep both sides in cache. */
+#define DEFINE_TRANSPOSE(NAME, T)                                                               \
+    void NAME(const T *restrict src, int64_t rows, int64_t cols, T *restrict dst, int64_t ld) { \
+        for (int64_t r0 = 0; r0 < rows; r0 += 32) {                                             \
+            const int64_t r1 = r0 + 32 < rows ? r0 + 32 : rows;                                 \
+            for (int64_t c0 = 0; c0 < cols; c0 += 32) {                                         \
+                const int64_t c1 = c0 + 32 < cols ? c0 + 32 : cols;                             \
+                for (int64_t c = c0; c < c1; ++c)                                               \
+                    for (int64_t r = r0; r < r1; ++r) dst[c * ld + r] = src[r * cols + c];      \
+            }                                                                                   \
+        }                                                                                       \
+    }
+
+DEFINE_TRANSPOSE(fxq_transpose_2, uint16_t)
+DEFINE_TRANSPOSE(fxq_transpose_4, uint32_t)
