@@ -3,14 +3,15 @@ to the activation dtype, and multiply each tile into its rows of the transposed 
 
     for each tile of R output rows (R * in_features ~ 2**22 weights):
         w_tile = decode(qweight[rows])                  # bit-exact with codecs.dequantize(...).to(x.dtype)
-        y_t = addmm(bias[rows, None], w_tile, x.T)      # [R, tokens]
-        out[:, rows] = y_t.T                            # a cache-blocked transpose
+        bf16 / fp16:  y_t = addmm(bias[rows, None], w_tile, x.T)     # [R, tokens]
+                      out[:, rows] = y_t.T                           # a cache-blocked transpose
+        otherwise:    out[:, rows] = addmm(bias[rows], x, w_tile.T)  # BLAS writes the strided slice
 
 The decoder is ``gguf_native``'s C loop (one pass from bytes to the activation dtype) where a C
 compiler builds it, else ``_Tiles``' torch passes below (``FXQUANT_GGUF_NATIVE=0`` chooses them).
-oneDNN's bf16 GEMM runs 10-40% faster with the weight tile as its first operand than as the
-second (``addmm(bias, x, w_tile.T)`` into ``out[:, rows]``; measured), and the transpose back,
-in C where the library is built, costs less than that.
+oneDNN's bf16 GEMM ran 5-30% faster with the weight tile as its first operand (measured), and
+the transpose back, in C where the library is built, costs less than that. float32 keeps the
+weight second: MKL then sums each output as ``F.linear`` does, bit for bit on the shapes tested.
 
 Decoding the whole weight first (``reference_linear_gguf``) makes five passes over a float32
 copy of the weight that does not fit in cache and page-faults at every call; here the passes run
@@ -163,14 +164,22 @@ def linear_gguf(x: Tensor, qweight: Tensor, qtype: str, in_features: int, bias: 
     rows = _tile_rows(n_out, in_features)
     lib = gguf_native.library() if native else None
     tiles = _Tiles(qtype, rows, in_features, x.dtype, lib)
-    y_t = torch.empty(rows, x2d.shape[0], dtype=x.dtype)  # one tile of the transposed output
-    bias = None if bias is None else bias.to(x.dtype)[:, None]
+    # 2-byte dtypes (oneDNN): the tile first, then a transpose; others (BLAS): straight into out
+    y_t = torch.empty(rows, x2d.shape[0], dtype=x.dtype) if x.element_size() == 2 else None
+    bias = None if bias is None else bias.to(x.dtype)
     for r0 in range(0, n_out, rows):
         r1 = min(n_out, r0 + rows)
         w = tiles.decode(blocks[r0 * per_row:r1 * per_row]).view(r1 - r0, in_features)
-        if bias is None:
-            torch.mm(w, x2d.t(), out=y_t[: r1 - r0])
+        if y_t is None:
+            _mm(bias, r0, r1, x2d, w.t(), out[:, r0:r1])
         else:
-            torch.addmm(bias[r0:r1], w, x2d.t(), out=y_t[: r1 - r0])
-        gguf_native.transpose_into(lib, y_t[: r1 - r0], out[:, r0:r1])
+            _mm(None if bias is None else bias[:, None], r0, r1, w, x2d.t(), y_t[: r1 - r0])
+            gguf_native.transpose_into(lib, y_t[: r1 - r0], out[:, r0:r1])
     return out.reshape(*lead, n_out)
+
+
+def _mm(bias: Optional[Tensor], r0: int, r1: int, a: Tensor, b: Tensor, out: Tensor) -> None:
+    if bias is None:
+        torch.mm(a, b, out=out)
+    else:
+        torch.addmm(bias[r0:r1], a, b, out=out)
