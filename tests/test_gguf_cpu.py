@@ -109,7 +109,7 @@ def test_c_decoder_writes_exactly_its_blocks(decoder):
     got = gguf_native.decode_into(lib, qbytes.view(-1, 144)[5:9], "q4_k", buf[256:])
     assert got.numel() == 4 * 256 and bool((buf[:256] == 7).all() and (buf[5 * 256:] == 7).all())
     assert same_bits(got.view(4, 256), codecs.dequantize(qbytes.view(-1, 144)[5:9], "q4_k").to(torch.bfloat16))
-    with pytest.raises(ValueError, match="contiguous"):
+    with pytest.raises(FormatError, match="contiguous"):
         gguf_native.decode_into(lib, qbytes.view(-1, 144)[::2], "q4_k", buf)
 
 
@@ -119,6 +119,14 @@ def test_decode_reads_unaligned_and_sliced_bytes():
     odd = storage[1:].view(qbytes.shape)  # odd storage offset: the fp16 scales cannot be read as int16 in place
     odd.copy_(qbytes)
     assert same_bits(gguf_cpu.dequantize(odd, "q8_0", 64, torch.float32), codecs.dequantize(qbytes, "q8_0"))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["c", "torch"])
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_decode_to_float64_goes_through_float32(qtype, native):
+    qbytes = random_blocks(qtype, 5, 512, seed=9)
+    got = gguf_cpu.dequantize(qbytes, qtype, 512, torch.float64, native=native)
+    assert got.dtype == torch.float64 and torch.equal(got, codecs.dequantize(qbytes, qtype).double())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)

@@ -1,5 +1,5 @@
 """The CPU path of ``fxquant::linear_gguf``: decode the weight a tile of rows at a time, straight
-to the activation dtype, and multiply each tile into its rows of the transposed output.
+to the activation dtype, and multiply each tile into its columns of the output.
 
     for each tile of R output rows (R * in_features ~ 2**22 weights):
         w_tile = decode(qweight[rows])                  # bit-exact with codecs.dequantize(...).to(x.dtype)
@@ -9,9 +9,10 @@ to the activation dtype, and multiply each tile into its rows of the transposed 
 
 The decoder is ``gguf_native``'s C loop (one pass from bytes to the activation dtype) where a C
 compiler builds it, else ``_Tiles``' torch passes below (``FXQUANT_GGUF_NATIVE=0`` chooses them).
-oneDNN's bf16 GEMM ran 5-30% faster with the weight tile as its first operand (measured), and
-the transpose back, in C where the library is built, costs less than that. float32 keeps the
-weight second: MKL then sums each output as ``F.linear`` does, bit for bit on the shapes tested.
+oneDNN's bf16 GEMM ran 4-50% faster with the weight tile as its first operand (GEMM-only runs;
+docs/benchmarks.md), and the transpose back, in C where the library is built, costs less than
+that. float32 keeps the weight second: MKL then sums each output as ``F.linear`` does, bit for
+bit on the shapes tested; in bf16 / fp16 oneDNN may block a long sum differently (a rounding).
 
 Decoding the whole weight first (``reference_linear_gguf``) makes five passes over a float32
 copy of the weight that does not fit in cache and page-faults at every call; here the passes run
@@ -24,8 +25,8 @@ the same bits: Q8_0 ``d * q`` (exact), Q4_K ``(d * sc) * q`` (exact) minus ``dmi
 
 Q4_K stores sub-block 2g in the low nibbles and 2g+1 in the high nibbles of byte group g: the
 two nibble passes write contiguous runs, and a ``torch.stack`` (a memcpy-speed copy) interleaves
-them back into the natural order, so the GEMM sees the same weight matrix (and sums in the same order) as
-``reference_linear_gguf``; tiling by output rows does not change any output element's sum.
+them back into the natural order, so the GEMM sees the same weight matrix as
+``reference_linear_gguf``.
 """
 
 from __future__ import annotations
@@ -170,16 +171,17 @@ def linear_gguf(x: Tensor, qweight: Tensor, qtype: str, in_features: int, bias: 
     for r0 in range(0, n_out, rows):
         r1 = min(n_out, r0 + rows)
         w = tiles.decode(blocks[r0 * per_row:r1 * per_row]).view(r1 - r0, in_features)
+        b = None if bias is None else bias[r0:r1]
         if y_t is None:
-            _mm(bias, r0, r1, x2d, w.t(), out[:, r0:r1])
+            _addmm(b, x2d, w.t(), out[:, r0:r1])
         else:
-            _mm(None if bias is None else bias[:, None], r0, r1, w, x2d.t(), y_t[: r1 - r0])
+            _addmm(None if b is None else b[:, None], w, x2d.t(), y_t[: r1 - r0])
             gguf_native.transpose_into(lib, y_t[: r1 - r0], out[:, r0:r1])
     return out.reshape(*lead, n_out)
 
 
-def _mm(bias: Optional[Tensor], r0: int, r1: int, a: Tensor, b: Tensor, out: Tensor) -> None:
+def _addmm(bias: Optional[Tensor], a: Tensor, b: Tensor, out: Tensor) -> None:
     if bias is None:
         torch.mm(a, b, out=out)
     else:
-        torch.addmm(bias[r0:r1], a, b, out=out)
+        torch.addmm(bias, a, b, out=out)

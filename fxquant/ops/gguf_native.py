@@ -32,6 +32,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..errors import FormatError
+
 log = logging.getLogger("fxquant")
 
 SOURCE = Path(__file__).with_name("gguf_decode.c")
@@ -96,7 +98,7 @@ def load(portable: bool = False) -> Optional[ctypes.CDLL]:
         lib = ctypes.CDLL(str(build(cc, FLAGS + (("-DFXQ_PORTABLE",) if portable else ()))))
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("fxquant: the native GGUF decoder could not be built (%s); linear_gguf on CPU decodes "
-                    "with torch ops, 2-5x slower (set %s=0 to choose that and silence this)", e, ENV_SWITCH)
+                    "with torch ops, 1.3-3.5x slower (set %s=0 to choose that and silence this)", e, ENV_SWITCH)
         return None
     for qtype in _BLOCK_BYTES:
         for suffix in _SUFFIX.values():
@@ -122,8 +124,9 @@ def decode_into(lib: ctypes.CDLL, blocks: Tensor, qtype: str, out: Tensor) -> Te
     filled = out.view(-1)[: n * _BLOCK_ELEMS[qtype]]
     if not (blocks.is_contiguous() and out.is_contiguous() and blocks.dtype == torch.uint8
             and blocks.shape[1] == _BLOCK_BYTES[qtype] and filled.numel() == n * _BLOCK_ELEMS[qtype]):
-        raise ValueError(f"gguf_native.decode_into: need contiguous uint8 [n, {_BLOCK_BYTES[qtype]}] blocks and "
-                         f"a contiguous output of {n * _BLOCK_ELEMS[qtype]} elements")
+        raise FormatError(f"gguf_native.decode_into: need contiguous uint8 [n, {_BLOCK_BYTES[qtype]}] {qtype} blocks "
+                          f"and a contiguous output of {n * _BLOCK_ELEMS[qtype]} elements, got {blocks.dtype} "
+                          f"{tuple(blocks.shape)} and {out.dtype} {tuple(out.shape)}")
     getattr(lib, f"fxq_{qtype}_{_SUFFIX[out.dtype]}")(blocks.data_ptr(), n, filled.data_ptr())
     return filled
 
