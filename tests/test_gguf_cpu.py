@@ -129,16 +129,20 @@ def test_decode_to_float64_goes_through_float32(qtype, native):
     assert got.dtype == torch.float64 and torch.equal(got, codecs.dequantize(qbytes, qtype).double())
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
-def test_transpose_into_a_column_slice(dtype):
-    """The C transpose (2- and 4-byte dtypes; torch's copy for others) writes exactly its columns."""
-    lib = gguf_native.library()
+@pytest.mark.parametrize("shape", [(37, 45), (64, 96), (7, 300)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("decoder", ("native", "portable"))
+def test_transpose_into_a_column_slice(decoder, dtype, shape):
+    """The C transpose (2-byte dtypes; torch's copy for others) writes exactly its columns, edges
+    of the 32 x 32 and 8 x 8 blocks included."""
+    lib = gguf_native.library() if decoder == "native" else gguf_native.load(portable=True)
     if lib is None:
         pytest.skip("no C compiler on this machine") if not HAS_CC else pytest.fail("the C decoder did not build")
-    src = torch.randn(37, 45, dtype=torch.float64).to(dtype)  # not multiples of the 32 x 32 blocks
-    out = torch.zeros(45, 100, dtype=dtype)
-    gguf_native.transpose_into(lib, src, out[:, 50:87])
-    assert torch.equal(out[:, 50:87], src.t()) and not out[:, :50].any() and not out[:, 87:].any()
+    r, c = shape
+    src = torch.randn(r, c, generator=torch.Generator().manual_seed(10)).to(dtype)  # distinct, non-zero
+    out = torch.zeros(c, r + 63, dtype=dtype)
+    gguf_native.transpose_into(lib, src, out[:, 50:50 + r])
+    assert torch.equal(out[:, 50:50 + r], src.t()) and not out[:, :50].any() and not out[:, 50 + r:].any()
 
 
 @pytest.mark.parametrize("native", ["1", "0"], ids=["c", "torch"])

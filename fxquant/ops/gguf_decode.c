@@ -173,20 +173,48 @@ DEFINE_Q4_K(fxq_q4_k_bf16, uint16_t, to_bf16)
 DEFINE_Q4_K(fxq_q4_k_f16, uint16_t, to_fp16)
 #endif
 
-/* dst[c * ld + r] = src[r * cols + c]: a GEMM's [rows, cols] tile of the transposed output into
- * its columns of the output (torch's copy of a transposed 2-byte tensor runs ~5x slower). Blocks of
- * 32 x 32 keep both sides in cache. */
-#define DEFINE_TRANSPOSE(NAME, T)                                                               \
-    void NAME(const T *restrict src, int64_t rows, int64_t cols, T *restrict dst, int64_t ld) { \
-        for (int64_t r0 = 0; r0 < rows; r0 += 32) {                                             \
-            const int64_t r1 = r0 + 32 < rows ? r0 + 32 : rows;                                 \
-            for (int64_t c0 = 0; c0 < cols; c0 += 32) {                                         \
-                const int64_t c1 = c0 + 32 < cols ? c0 + 32 : cols;                             \
-                for (int64_t c = c0; c < c1; ++c)                                               \
-                    for (int64_t r = r0; r < r1; ++r) dst[c * ld + r] = src[r * cols + c];      \
-            }                                                                                   \
-        }                                                                                       \
+/* dst[c * ld + r] = src[r * cols + c] for 2-byte elements: a GEMM's [rows, cols] tile of the
+ * transposed output into its columns of the output (torch's copy of a transposed bf16 tensor runs
+ * several times slower). 32 x 32 blocks keep both sides in cache; inside them, 8 x 8 blocks go
+ * through SSE2 registers (three rounds of unpacks), and the edges element by element. */
+#if defined(__SSE2__) && !defined(FXQ_PORTABLE)
+#include <emmintrin.h>
+#define TRANSPOSE_SIMD 1
+static inline void transpose8x8(const uint16_t *s, int64_t ls, uint16_t *d, int64_t ld) {
+    __m128i a[8], t[8], u[8];
+    for (int i = 0; i < 8; ++i) a[i] = _mm_loadu_si128((const __m128i *)(s + i * ls));
+    for (int i = 0; i < 4; ++i) {  /* t[2i], t[2i+1]: rows 2i, 2i+1 interleaved, columns 0-3 / 4-7 */
+        t[2 * i] = _mm_unpacklo_epi16(a[2 * i], a[2 * i + 1]);
+        t[2 * i + 1] = _mm_unpackhi_epi16(a[2 * i], a[2 * i + 1]);
     }
+    for (int h = 0; h < 2; ++h)  /* u[4h + 2k (+1)]: rows 4h..4h+3 of columns 2k, 2k+1 (2k+2, 2k+3) */
+        for (int k = 0; k < 2; ++k) {
+            u[4 * h + 2 * k] = _mm_unpacklo_epi32(t[4 * h + k], t[4 * h + k + 2]);
+            u[4 * h + 2 * k + 1] = _mm_unpackhi_epi32(t[4 * h + k], t[4 * h + k + 2]);
+        }
+    for (int j = 0; j < 4; ++j) {  /* column 2j and 2j+1: rows 0-3 from u[j], rows 4-7 from u[4+j] */
+        _mm_storeu_si128((__m128i *)(d + (2 * j) * ld), _mm_unpacklo_epi64(u[j], u[4 + j]));
+        _mm_storeu_si128((__m128i *)(d + (2 * j + 1) * ld), _mm_unpackhi_epi64(u[j], u[4 + j]));
+    }
+}
+#else
+#define TRANSPOSE_SIMD 0
+#endif
 
-DEFINE_TRANSPOSE(fxq_transpose_2, uint16_t)
-DEFINE_TRANSPOSE(fxq_transpose_4, uint32_t)
+void fxq_transpose_2(const uint16_t *restrict src, int64_t rows, int64_t cols, uint16_t *restrict dst,
+                     int64_t ld) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 32) {
+        const int64_t r1 = r0 + 32 < rows ? r0 + 32 : rows;
+        for (int64_t c0 = 0; c0 < cols; c0 += 32) {
+            const int64_t c1 = c0 + 32 < cols ? c0 + 32 : cols;
+            const int64_t rs = TRANSPOSE_SIMD ? r0 + ((r1 - r0) & ~(int64_t)7) : r0;
+            const int64_t cs = TRANSPOSE_SIMD ? c0 + ((c1 - c0) & ~(int64_t)7) : c0;
+#if TRANSPOSE_SIMD
+            for (int64_t r = r0; r < rs; r += 8)
+                for (int64_t c = c0; c < cs; c += 8) transpose8x8(src + r * cols + c, cols, dst + c * ld + r, ld);
+#endif
+            for (int64_t c = c0; c < c1; ++c)  /* the edges: rows rs.. of columns < cs, all rows of the rest */
+                for (int64_t r = c < cs ? rs : r0; r < r1; ++r) dst[c * ld + r] = src[r * cols + c];
+        }
+    }
+}

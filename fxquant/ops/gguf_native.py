@@ -104,9 +104,8 @@ def load(portable: bool = False) -> Optional[ctypes.CDLL]:
         for suffix in _SUFFIX.values():
             fn = getattr(lib, f"fxq_{qtype}_{suffix}")
             fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p], None
-    for size in (2, 4):
-        fn = getattr(lib, f"fxq_transpose_{size}")
-        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64], None
+    fn = lib.fxq_transpose_2
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64], None
     return lib
 
 
@@ -133,10 +132,9 @@ def decode_into(lib: ctypes.CDLL, blocks: Tensor, qtype: str, out: Tensor) -> Te
 
 def transpose_into(lib: Optional[ctypes.CDLL], src: Tensor, dst: Tensor) -> None:
     """``dst.copy_(src.t())`` for a contiguous ``src`` [r, c] and a ``dst`` [c, r] whose rows are
-    strided (a column slice of a row-major matrix): the C loop for 2- and 4-byte dtypes, else torch."""
-    size = src.element_size()
-    if (lib is None or size not in (2, 4) or src.dtype != dst.dtype or not src.is_contiguous()
+    strided (a column slice of a row-major matrix): the C loop for 2-byte dtypes, else torch."""
+    if (lib is None or src.element_size() != 2 or src.dtype != dst.dtype or not src.is_contiguous()
             or dst.stride(1) != 1 or dst.shape != src.shape[::-1]):
         dst.copy_(src.t())
         return
-    getattr(lib, f"fxq_transpose_{size}")(src.data_ptr(), src.shape[0], src.shape[1], dst.data_ptr(), dst.stride(0))
+    lib.fxq_transpose_2(src.data_ptr(), src.shape[0], src.shape[1], dst.data_ptr(), dst.stride(0))
