@@ -1,9 +1,14 @@
-"""The CPU path of ``fxquant::linear_gguf`` (``fxquant.ops.gguf_cpu``): the tile decoder is
-bit-exact with ``fxquant.codecs`` (llama.cpp's vectors, random bytes, every activation dtype) and
-the op stays within a rounding of decode-then-matmul (``reference_linear_gguf``)."""
+"""The CPU path of ``fxquant::linear_gguf`` (``fxquant.ops.gguf_cpu``): each tile decoder (the C
+one of ``gguf_native``, its portable C loops, the torch passes) is bit-exact with ``fxquant.codecs``
+(llama.cpp's vectors, random bytes with inf / NaN / subnormal scales, every activation dtype), the
+op stays within a rounding of decode-then-matmul (``reference_linear_gguf``), and the op falls back
+to the torch passes, saying so, where the C decoder cannot be built."""
 
 from __future__ import annotations
 
+import logging
+import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +18,28 @@ import torch.nn.functional as F
 
 from fxquant import codecs
 from fxquant.errors import FormatError
-from fxquant.ops import gguf, gguf_cpu
+from fxquant.ops import gguf, gguf_cpu, gguf_native
 
 DATA = Path(__file__).parent / "data" / "gguf"
 QTYPES = ("q4_k", "q8_0")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DECODERS = ("native", "portable", "torch")
+HAS_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
+# fp16 scales that stress the decoders: +-inf, NaN, subnormals, +-0, the largest finite
+SPECIAL_FP16 = [0x7C00, 0xFC00, 0x7E00, 0xFE01, 0x0001, 0x8001, 0x03FF, 0x0000, 0x8000, 0x7BFF, 0x0400]
+
+
+def decode(decoder: str, qbytes: torch.Tensor, qtype: str, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """The whole weight through one decoder; the C ones must build where there is a compiler."""
+    if decoder == "torch":
+        return gguf_cpu.dequantize(qbytes, qtype, cols, dtype, native=False)
+    if not HAS_CC:
+        pytest.skip("no C compiler on this machine")
+    lib = gguf_native.library() if decoder == "native" else gguf_native.load(portable=True)
+    assert lib is not None, "the C decoder did not build (see the fxquant warning)"
+    out = torch.empty(qbytes.shape[0] * cols, dtype=dtype)
+    blocks = qbytes.reshape(-1, codecs.BLOCKS[qtype][1])
+    return gguf_native.decode_into(lib, blocks, qtype, out).view(qbytes.shape[0], cols)
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -36,23 +58,59 @@ def random_blocks(qtype: str, rows: int, cols: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(b.reshape(rows, -1))
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_decode_bit_exact_on_llama_cpp_vectors(qtype, dtype):
+def test_decode_bit_exact_on_llama_cpp_vectors(qtype, dtype, decoder):
     z = np.load(DATA / f"{qtype}_reference.npz")
     for name in z["case_names"]:
         qbytes = torch.from_numpy(z[f"{name}__qbytes"])
         deq = torch.from_numpy(z[f"{name}__dequant"])
         with np.errstate(all="ignore"):
-            got = gguf_cpu.dequantize(qbytes, qtype, deq.shape[1], dtype)
+            got = decode(decoder, qbytes, qtype, deq.shape[1], dtype)
         assert same_bits(got, deq.to(dtype)), name
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_decode_bit_exact_on_random_bytes(qtype, dtype):
+def test_decode_bit_exact_on_random_bytes(qtype, dtype, decoder):
     qbytes = random_blocks(qtype, 37, 768, seed=1)  # every scale-byte bit pattern occurs
-    assert same_bits(gguf_cpu.dequantize(qbytes, qtype, 768, dtype), codecs.dequantize(qbytes, qtype).to(dtype))
+    assert same_bits(decode(decoder, qbytes, qtype, 768, dtype), codecs.dequantize(qbytes, qtype).to(dtype))
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_decode_bit_exact_with_special_scales(qtype, dtype, decoder):
+    """inf, NaN and subnormal d (and dmin): inf * 0 and inf - inf give NaN, subnormals stay exact."""
+    qbytes = random_blocks(qtype, 2 * len(SPECIAL_FP16), 256, seed=6)
+    blocks = qbytes.view(-1, codecs.BLOCKS[qtype][1])
+    special = torch.tensor(SPECIAL_FP16, dtype=torch.int32).repeat(blocks.shape[0] // len(SPECIAL_FP16) + 1)
+    d = special[: blocks.shape[0]]
+    blocks[:, 0], blocks[:, 1] = (d & 255).to(torch.uint8), (d >> 8).to(torch.uint8)
+    if qtype == "q4_k":  # dmin: the same values in another order, so every (d, dmin) pair differs
+        m = special.roll(3)[: blocks.shape[0]]
+        blocks[:, 2], blocks[:, 3] = (m & 255).to(torch.uint8), (m >> 8).to(torch.uint8)
+        blocks[0, 4:16] = 0  # sc = m = 0 in one block: inf * 0
+    ref = codecs.dequantize(qbytes, qtype).to(dtype)
+    assert ref.isnan().any() and ref.isinf().any()
+    assert same_bits(decode(decoder, qbytes, qtype, 256, dtype), ref)
+
+
+@pytest.mark.parametrize("decoder", ("native", "portable"))
+def test_c_decoder_writes_exactly_its_blocks(decoder):
+    """A slice of blocks from the middle of a weight, into the middle of a larger buffer."""
+    qbytes = random_blocks("q4_k", 7, 512, seed=7)  # 14 blocks
+    lib = gguf_native.library() if decoder == "native" else gguf_native.load(portable=True)
+    if lib is None:
+        pytest.skip("no C compiler on this machine") if not HAS_CC else pytest.fail("the C decoder did not build")
+    buf = torch.full((6 * 256,), 7.0, dtype=torch.bfloat16)
+    got = gguf_native.decode_into(lib, qbytes.view(-1, 144)[5:9], "q4_k", buf[256:])
+    assert got.numel() == 4 * 256 and bool((buf[:256] == 7).all() and (buf[5 * 256:] == 7).all())
+    assert same_bits(got.view(4, 256), codecs.dequantize(qbytes.view(-1, 144)[5:9], "q4_k").to(torch.bfloat16))
+    with pytest.raises(FormatError, match="contiguous"):
+        gguf_native.decode_into(lib, qbytes.view(-1, 144)[::2], "q4_k", buf)
 
 
 def test_decode_reads_unaligned_and_sliced_bytes():
@@ -63,9 +121,35 @@ def test_decode_reads_unaligned_and_sliced_bytes():
     assert same_bits(gguf_cpu.dequantize(odd, "q8_0", 64, torch.float32), codecs.dequantize(qbytes, "q8_0"))
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["c", "torch"])
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_decode_to_float64_goes_through_float32(qtype, native):
+    qbytes = random_blocks(qtype, 5, 512, seed=9)
+    got = gguf_cpu.dequantize(qbytes, qtype, 512, torch.float64, native=native)
+    assert got.dtype == torch.float64 and torch.equal(got, codecs.dequantize(qbytes, qtype).double())
+
+
+@pytest.mark.parametrize("shape", [(37, 45), (64, 96), (7, 300)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("decoder", ("native", "portable"))
+def test_transpose_into_a_column_slice(decoder, dtype, shape):
+    """The C transpose (2-byte dtypes; torch's copy for others) writes exactly its columns, edges
+    of the 32 x 32 and 8 x 8 blocks included."""
+    lib = gguf_native.library() if decoder == "native" else gguf_native.load(portable=True)
+    if lib is None:
+        pytest.skip("no C compiler on this machine") if not HAS_CC else pytest.fail("the C decoder did not build")
+    r, c = shape
+    src = torch.randn(r, c, generator=torch.Generator().manual_seed(10)).to(dtype)  # distinct, non-zero
+    out = torch.zeros(c, r + 63, dtype=dtype)
+    gguf_native.transpose_into(lib, src, out[:, 50:50 + r])
+    assert torch.equal(out[:, 50:50 + r], src.t()) and not out[:, :50].any() and not out[:, 50 + r:].any()
+
+
+@pytest.mark.parametrize("native", ["1", "0"], ids=["c", "torch"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("qtype,k", [("q4_k", 512), ("q8_0", 160)])
-def test_op_within_rounding_of_decode_then_matmul(qtype, k, dtype, monkeypatch):
+def test_op_within_rounding_of_decode_then_matmul(qtype, k, dtype, native, monkeypatch):
+    monkeypatch.setenv(gguf_native.ENV_SWITCH, native)
     monkeypatch.setattr(gguf_cpu, "TILE_ELEMS", 16 * k)  # several tiles, and a short last one
     monkeypatch.setattr(gguf_cpu, "MIN_TILE_ROWS", 16)
     n = 53
@@ -100,3 +184,69 @@ def test_op_rejects_bytes_that_do_not_fit():
         gguf.linear_gguf(torch.randn(2, 64), qbytes, "q5_k", 64, None)
     with pytest.raises(FormatError, match="uint8"):
         gguf.linear_gguf(torch.randn(2, 64), qbytes.view(torch.int8), "q8_0", 64, None)
+
+
+@pytest.fixture()
+def fresh_native(monkeypatch, tmp_path):
+    """gguf_native's loader with an empty cache directory, restored afterwards."""
+    monkeypatch.setenv("FXQUANT_CACHE", str(tmp_path))
+    gguf_native.load.cache_clear()
+    yield tmp_path
+    gguf_native.load.cache_clear()
+
+
+@pytest.fixture()
+def fxquant_log():
+    """The records the ``fxquant`` logger emits during the test (without pytest's logging plugin)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("fxquant")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def test_op_falls_back_to_torch_with_one_warning_when_no_compiler_builds(fresh_native, monkeypatch, fxquant_log):
+    monkeypatch.setenv("CC", str(fresh_native / "no-such-cc"))
+    monkeypatch.delenv(gguf_native.ENV_SWITCH, raising=False)
+    qbytes = random_blocks("q4_k", 9, 512, seed=8)
+    x = torch.randn(5, 512, dtype=torch.bfloat16)
+    first = torch.ops.fxquant.linear_gguf(x, qbytes, "q4_k", 512, None)
+    again = torch.ops.fxquant.linear_gguf(x, qbytes, "q4_k", 512, None)
+    warnings = [r for r in fxquant_log if "native GGUF decoder could not be built" in r.getMessage()]
+    assert len(warnings) == 1 and "no-such-cc" in warnings[0].getMessage()
+    assert gguf_native.library() is None
+    assert torch.equal(first, again)
+    assert torch.equal(first, gguf_cpu.linear_gguf(x, qbytes, "q4_k", 512, None, native=False))
+
+
+def test_env_switch_chooses_the_torch_decoder_without_a_warning(fresh_native, monkeypatch, fxquant_log):
+    monkeypatch.setenv("CC", str(fresh_native / "no-such-cc"))  # would warn if it were tried
+    monkeypatch.setenv(gguf_native.ENV_SWITCH, "0")
+    assert gguf_native.library() is None
+    assert not fxquant_log
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler on this machine")
+def test_build_is_cached_and_safe_when_two_builds_race(fresh_native):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    paths, errors = [], []
+
+    def build():
+        try:
+            paths.append(gguf_native.build(cc))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(paths)) == 1
+    assert [p.name for p in fresh_native.iterdir()] == [paths[0].name]  # no temporary file left
+    mtime = paths[0].stat().st_mtime_ns
+    assert gguf_native.build(cc) == paths[0] and paths[0].stat().st_mtime_ns == mtime  # not rebuilt
+    lib = gguf_native.load()
+    assert lib is not None and Path(lib._name) == paths[0]

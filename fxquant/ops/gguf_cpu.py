@@ -1,37 +1,47 @@
-"""The CPU path of ``fxquant::linear_gguf``: decode the weight a tile of rows at a time, in cache,
-straight to the activation dtype, and multiply each tile into its slice of the output.
+"""The CPU path of ``fxquant::linear_gguf``: decode the weight a tile of rows at a time, straight
+to the activation dtype, and multiply each tile into its columns of the output.
 
-    for each tile of R output rows (R * in_features ~ 2**18 weights, about 1 MiB of float32):
-        w_tile = decode(qweight[rows]).to(x.dtype)      # bit-exact with codecs.dequantize(...).to(x.dtype)
-        out[:, rows] = addmm(bias[rows], x, w_tile.T)
+    for each tile of R output rows (R * in_features ~ 2**22 weights):
+        w_tile = decode(qweight[rows])                  # bit-exact with codecs.dequantize(...).to(x.dtype)
+        bf16 / fp16:  y_t = addmm(bias[rows, None], w_tile, x.T)     # [R, tokens]
+                      out[:, rows] = y_t.T                           # a cache-blocked transpose
+        otherwise:    out[:, rows] = addmm(bias[rows], x, w_tile.T)  # BLAS writes the strided slice
+
+The decoder is ``gguf_native``'s C loop (one pass from bytes to the activation dtype) where a C
+compiler builds it, else ``_Tiles``' torch passes below (``FXQUANT_GGUF_NATIVE=0`` chooses them).
+oneDNN's bf16 GEMM ran 4-50% faster with the weight tile as its first operand (GEMM-only runs;
+docs/benchmarks.md), and the transpose back, in C where the library is built, costs less than
+that. float32 keeps the weight second: MKL then sums each output as ``F.linear`` does, bit for
+bit on the shapes tested; in bf16 / fp16 oneDNN may block a long sum differently (a rounding).
 
 Decoding the whole weight first (``reference_linear_gguf``) makes five passes over a float32
 copy of the weight that does not fit in cache and page-faults at every call; here the passes run
-over one tile that stays in L2, and so do the per-block scales, computed tile by tile.
+over one tile, and so do the per-block scales, computed tile by tile.
 
-The passes are chosen for what torch's CPU kernels vectorize: contiguous uint8 ops, dtype copies,
+The torch passes are chosen for what torch's CPU kernels vectorize: contiguous uint8 ops, dtype copies,
 and one multiply and one add whose scale broadcasts over 32 contiguous weights (an ``addcmul``
 with two such broadcasts runs 6x slower). The arithmetic is the decoders' own, so the values are
 the same bits: Q8_0 ``d * q`` (exact), Q4_K ``(d * sc) * q`` (exact) minus ``dmin * m``, one rounding.
 
 Q4_K stores sub-block 2g in the low nibbles and 2g+1 in the high nibbles of byte group g: the
 two nibble passes write contiguous runs, and a ``torch.stack`` (a memcpy-speed copy) interleaves
-them back into the natural order, so the GEMM sees the same weight matrix (and sums in the same order) as
-``reference_linear_gguf``; tiling by output rows does not change any output element's sum.
+them back into the natural order, so the GEMM sees the same weight matrix as
+``reference_linear_gguf``.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from ..codecs import BLOCKS
+from . import gguf_native
 
-# Weights per tile: 2**20 (4 MiB of float32 scratch, 2 MiB of bf16 tile). Narrower tiles keep the
-# decode in L2 but make the GEMMs narrow, which costs more than the decode saves (measured).
-TILE_ELEMS = 1 << 20
+# Weights per tile: 2**22 (8 MiB of bf16). Narrower tiles make more, narrower GEMMs, which costs more
+# than keeping the tile in cache saves (measured).
+TILE_ELEMS = 1 << 22
 MIN_TILE_ROWS = 16
 
 
@@ -68,28 +78,36 @@ def _q4_k_scales(blocks: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class _Tiles:
-    """Scratch buffers for one tile, reused by every tile of a call."""
+    """Scratch buffers for one tile, reused by every tile of a call; ``lib``: the C decoder or None."""
 
-    def __init__(self, qtype: str, rows: int, cols: int, dtype: torch.dtype):
+    def __init__(self, qtype: str, rows: int, cols: int, dtype: torch.dtype, lib: Optional[Any]):
         elems, nbytes = BLOCKS[qtype]
         nb = rows * cols // elems
-        self.qtype, self.dtype = qtype, dtype
+        self.qtype, self.dtype, self.lib = qtype, dtype, lib
+        if lib is not None:  # the C loop writes dtype, or float32 then cast (float64)
+            direct = dtype in gguf_native.DTYPES
+            self.scratch = torch.empty(rows * cols, dtype=dtype if direct else torch.float32)
+            self.out = None if direct else torch.empty(rows * cols, dtype=dtype)
+            return
         if qtype == "q4_k":
             self.lo, self.hi = torch.empty(nb, 128, dtype=torch.uint8), torch.empty(nb, 128, dtype=torch.uint8)
             self.nat = torch.empty(nb, 4, 2, 32, dtype=torch.uint8)
-        self.f32 = torch.empty(rows * cols, dtype=torch.float32)
+        self.scratch = torch.empty(rows * cols, dtype=torch.float32)
         self.out = None if dtype == torch.float32 else torch.empty(rows * cols, dtype=dtype)
 
     def decode(self, blocks: Tensor) -> Tensor:
         """Decode ``blocks`` [n, block_bytes] to a flat tile in the activation dtype (row-major weights)."""
         n = blocks.shape[0]
-        scale, minus = _scales(self.qtype, blocks)
-        f = self.f32[: n * BLOCKS[self.qtype][0]]
-        if self.qtype == "q8_0":
+        f = self.scratch[: n * BLOCKS[self.qtype][0]]
+        if self.lib is not None:
+            gguf_native.decode_into(self.lib, blocks.contiguous(), self.qtype, f)
+        elif self.qtype == "q8_0":
+            scale, _ = _scales(self.qtype, blocks)
             fv = f.view(n, 32)
             fv.copy_(blocks[:, 2:].view(torch.int8))
             fv.mul_(scale)
         else:
+            scale, minus = _scales(self.qtype, blocks)
             raw = blocks[:, 16:]  # rows of 128 contiguous bytes: read in place
             lo, hi, nat = self.lo[:n], self.hi[:n], self.nat[:n]
             torch.bitwise_and(raw, 15, out=lo)
@@ -117,19 +135,22 @@ def _tile_rows(rows: int, cols: int) -> int:
     return min(rows, max(MIN_TILE_ROWS, TILE_ELEMS // cols))
 
 
-def dequantize(qweight: Tensor, qtype: str, cols: int, dtype: torch.dtype) -> Tensor:
-    """The whole weight [rows, cols] in ``dtype`` through the tile decoder.
+def dequantize(qweight: Tensor, qtype: str, cols: int, dtype: torch.dtype, native: bool = True) -> Tensor:
+    """The whole weight [rows, cols] in ``dtype`` through the tile decoder (``native=False``: the
+    torch passes, even where the C decoder is built).
 
     Equal to ``codecs.dequantize(qweight, qtype).to(dtype)`` bit for bit; for tests and benchmarks.
     """
     elems, nbytes = BLOCKS[qtype]
     rows = qweight.shape[0]
-    tiles = _Tiles(qtype, rows, cols, dtype)
+    tiles = _Tiles(qtype, rows, cols, dtype, gguf_native.library() if native else None)
     return tiles.decode(qweight.reshape(-1, nbytes)).view(rows, cols).clone()
 
 
-def linear_gguf(x: Tensor, qweight: Tensor, qtype: str, in_features: int, bias: Optional[Tensor]) -> Tensor:
-    """``reference_linear_gguf`` computed a tile of output features at a time (CPU tensors)."""
+def linear_gguf(x: Tensor, qweight: Tensor, qtype: str, in_features: int, bias: Optional[Tensor],
+                native: bool = True) -> Tensor:
+    """``reference_linear_gguf`` computed a tile of output features at a time (CPU tensors);
+    ``native=False`` decodes with the torch passes even where the C decoder is built."""
     elems, nbytes = BLOCKS[qtype]
     n_out = qweight.shape[0]
     lead = x.shape[:-1]
@@ -142,14 +163,25 @@ def linear_gguf(x: Tensor, qweight: Tensor, qtype: str, in_features: int, bias: 
     blocks = qweight.reshape(-1, nbytes)
     per_row = in_features // elems
     rows = _tile_rows(n_out, in_features)
-    tiles = _Tiles(qtype, rows, in_features, x.dtype)
+    lib = gguf_native.library() if native else None
+    tiles = _Tiles(qtype, rows, in_features, x.dtype, lib)
+    # 2-byte dtypes (oneDNN): the tile first, then a transpose; others (BLAS): straight into out
+    y_t = torch.empty(rows, x2d.shape[0], dtype=x.dtype) if x.element_size() == 2 else None
     bias = None if bias is None else bias.to(x.dtype)
     for r0 in range(0, n_out, rows):
         r1 = min(n_out, r0 + rows)
-        w = tiles.decode(blocks[r0 * per_row:r1 * per_row])
-        w = w.view(r1 - r0, in_features).t()
-        if bias is None:
-            out[:, r0:r1] = torch.mm(x2d, w)
+        w = tiles.decode(blocks[r0 * per_row:r1 * per_row]).view(r1 - r0, in_features)
+        b = None if bias is None else bias[r0:r1]
+        if y_t is None:
+            _addmm(b, x2d, w.t(), out[:, r0:r1])
         else:
-            out[:, r0:r1] = torch.addmm(bias[r0:r1], x2d, w)
+            _addmm(None if b is None else b[:, None], w, x2d.t(), y_t[: r1 - r0])
+            gguf_native.transpose_into(lib, y_t[: r1 - r0], out[:, r0:r1])
     return out.reshape(*lead, n_out)
+
+
+def _addmm(bias: Optional[Tensor], a: Tensor, b: Tensor, out: Tensor) -> None:
+    if bias is None:
+        torch.mm(a, b, out=out)
+    else:
+        torch.addmm(bias, a, b, out=out)
