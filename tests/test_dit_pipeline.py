@@ -77,3 +77,14 @@ def test_quantize_pipeline_with_one_transformer(recorded):
     ref = pipe([1], generator=torch.Generator().manual_seed(0), **run).images
     out = quant([1], generator=torch.Generator().manual_seed(0), **run).images
     assert rel_err(torch.from_numpy(out), torch.from_numpy(ref)) < 0.05
+
+
+def test_quantize_pipeline_names_bad_arguments(recorded):
+    pipe, _ = recorded
+    for kwargs, fragment in ((dict(prompts=[]), "at least one calibration prompt"),
+                             (dict(prompts=[[1]], step_stride=0), "step_stride must be an integer >= 1"),
+                             (dict(prompts=[[1]], max_items=4), "keep_inputs"),
+                             (dict(prompts=[[1]], components=["nope"]), "component 'nope'")):
+        with pytest.raises(fxquant.FxquantError, match=fragment):
+            fxquant.quantize_pipeline(pipe, "int8-w8a8", **kwargs)
+    assert not isinstance(pipe.transformer, fxquant.QuantizedModule)

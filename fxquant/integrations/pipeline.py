@@ -112,6 +112,9 @@ def quantize_pipeline(pipe: Any, recipe: Any, prompts: Union[str, Sequence[str]]
     Example:
         >>> fxquant.quantize_pipeline(pipe, "int8-w8a8", prompts=["a red bicycle"], num_inference_steps=8)  # doctest: +SKIP
     """
+    if "max_items" in call_kwargs:
+        raise CalibrationError("quantize_pipeline: max_items is gone: statistics now stream over every observed call "
+                               "(fxquant.observe); keep_inputs says how many whole calls are kept (default 2)")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise CalibrationError("quantize_pipeline: give at least one calibration prompt")
