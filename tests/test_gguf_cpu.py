@@ -250,3 +250,40 @@ def test_build_is_cached_and_safe_when_two_builds_race(fresh_native):
     assert gguf_native.build(cc) == paths[0] and paths[0].stat().st_mtime_ns == mtime  # not rebuilt
     lib = gguf_native.load()
     assert lib is not None and Path(lib._name) == paths[0]
+
+
+def test_decode_into_names_bad_arguments_and_refuses_non_cpu_tensors():
+    lib = gguf_native.library()
+    if lib is None:
+        pytest.skip("no C compiler on this machine") if not HAS_CC else pytest.fail("the C decoder did not build")
+    blocks = torch.zeros(2, 34, dtype=torch.uint8)
+    for args in ((blocks, "q8_0", torch.empty(64, dtype=torch.float64)), (blocks.view(-1), "q8_0", torch.empty(64)),
+                 (blocks, "q5_k", torch.empty(64)), (blocks.to("meta"), "q8_0", torch.empty(64)),
+                 (blocks, "q8_0", torch.empty(64, device="meta"))):
+        with pytest.raises(FormatError, match="gguf_native.decode_into"):
+            gguf_native.decode_into(lib, *args)
+
+
+def test_cpu_path_refuses_a_weight_on_another_device():
+    """A CPU x with a weight elsewhere (the op itself names both devices before this, on CUDA): the C
+    decoder must not read a device pointer (it used to crash the process)."""
+    if gguf_native.library() is None:
+        pytest.skip("no C decoder here")
+    with pytest.raises(FormatError, match="CPU tensors only"):
+        gguf_cpu.linear_gguf(torch.randn(4, 256), torch.zeros(8, 144, dtype=torch.uint8, device="meta"),
+                             "q4_k", 256, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nan_from_an_inf_scale_stays_nan(dtype):
+    """inf * 0 = NaN: every decoder gives NaN exactly where codecs does; the NaN's bits may differ
+    (torch's own bfloat16 conversion writes 0xFFFF in its vector loop and 0x7FC0 in its scalar one)."""
+    q = torch.zeros(4, 34, dtype=torch.uint8)
+    q[:, 0:2] = torch.tensor([0x00, 0x7C], dtype=torch.uint8)  # fp16 +inf
+    q[:, 2:] = torch.randint(0, 3, (4, 32), dtype=torch.uint8)  # codes 0, 1, 2: NaN, inf, inf
+    ref = codecs.dequantize(q.view(1, -1), "q8_0", cols=128).to(dtype)
+    for decoder in DECODERS:
+        got = decode(decoder, q.view(1, -1), "q8_0", 128, dtype).view(-1)
+        assert torch.equal(got.isnan(), ref.view(-1).isnan()), decoder
+        finite = ~ref.view(-1).isnan()
+        assert torch.equal(got[finite], ref.view(-1)[finite]), decoder

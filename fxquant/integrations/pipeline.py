@@ -82,7 +82,7 @@ def observe_pipeline(pipe: Any, modules: Mapping[str, torch.nn.Module], prompts:
 
 
 def quantize_pipeline(pipe: Any, recipe: Any, prompts: Union[str, Sequence[str]], num_inference_steps: int = 8,
-                      step_stride: int = 1, keep_inputs: int = 2, components: Optional[Sequence[str]] = None,
+                      step_stride: int = 1, *, keep_inputs: int = 2, components: Optional[Sequence[str]] = None,
                       seed: int = 0, **call_kwargs: Any) -> dict[str, QuantizedModule]:
     """Calibrate each transformer of ``pipe`` on the inputs the pipeline gives it, compile, and swap
     the quantized modules in (in place).

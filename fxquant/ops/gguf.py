@@ -54,6 +54,10 @@ def linear_gguf(x: Tensor, qweight: Tensor, qtype: str, in_features: int, bias: 
     if kernels is None and x.device.type != "cpu":
         return reference_linear_gguf(x, qweight, qtype, in_features, bias)
     key = _check(x, qweight, qtype, in_features)
+    for name, t in (("qweight", qweight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise FormatError(f"fxquant::linear_gguf: {name} is on {t.device} but x is on {x.device}; move the "
+                              "module and its inputs to one device (module.to(device))")
     if kernels is not None:
         return kernels.linear_gguf(x, qweight, key, in_features, bias)
     return gguf_cpu.linear_gguf(x, qweight, key, in_features, bias)

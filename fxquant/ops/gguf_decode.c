@@ -8,7 +8,9 @@
  * Bit-exact with fxquant.codecs.dequantize(...).to(dtype):
  *   Q8_0  y = d * q                       (exact in float32)
  *   Q4_K  y = (d * sc) * q - dmin * m     (both products exact in float32: one rounding)
- * then float32 -> bf16 / fp16 rounding to nearest even, as torch's Tensor.to() does. Two
+ * then float32 -> bf16 / fp16 rounding to nearest even, as torch's Tensor.to() does (a NaN, from an
+ * inf or NaN scale, is NaN in the same places; its bf16 bits may differ, as they do between
+ * torch's own vectorized (0xFFFF) and scalar (0x7FC0) conversions). Two
  * implementations: AVX-512 intrinsics where the target has AVX-512F and AVX512-BF16, else portable
  * loops over the 32 weights of one scale, which the compiler vectorizes (the fp16 conversion is
  * c10's fp16_ieee_from_fp32_value). -ffp-contract=off keeps the Q4_K multiply and subtract

@@ -1,7 +1,7 @@
 """The native GGUF block decoder of the CPU path: ``gguf_decode.c``, built at first use.
 
     gguf_decode.c --cc -O3 -march=native -ffp-contract=off--> <cache>/gguf_decode-<key>.so --ctypes-->
-    decode_into(blocks, qtype, out)      # one pass: bytes -> float32 / bf16 / fp16, bit-exact
+    decode_into(blocks, qtype, out)      # one pass: bytes -> float32 / bf16 / fp16, bit-exact (NaN payloads aside)
 
 The library is compiled once per machine with the system C compiler (``$CC``, else ``cc``) into
 ``$FXQUANT_CACHE`` (default ``$XDG_CACHE_HOME/fxquant`` or ``~/.cache/fxquant``), under a name
@@ -48,7 +48,15 @@ _BLOCK_ELEMS = {"q4_k": 256, "q8_0": 32}
 def cache_dir() -> Path:
     if os.environ.get("FXQUANT_CACHE"):
         return Path(os.environ["FXQUANT_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            home = Path.home()  # RuntimeError (3.12+) or a literal "~" (3.11) without a usable $HOME
+        except RuntimeError:
+            home = Path("~")
+        if str(home) == "~":
+            return Path(tempfile.gettempdir()) / f"fxquant-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+        base = home / ".cache"
     return Path(base) / "fxquant"
 
 
@@ -119,6 +127,13 @@ def library() -> Optional[ctypes.CDLL]:
 def decode_into(lib: ctypes.CDLL, blocks: Tensor, qtype: str, out: Tensor) -> Tensor:
     """Decode ``blocks`` (uint8, contiguous ``[n, block_bytes]``) into ``out`` (contiguous, at least
     ``n * block_elems`` elements of float32, bfloat16 or float16); returns the filled part of ``out``."""
+    if qtype not in _BLOCK_BYTES or out.dtype not in _SUFFIX or blocks.dim() != 2:
+        raise FormatError(f"gguf_native.decode_into: need 2-D {sorted(_BLOCK_BYTES)} blocks and a "
+                          f"{'/'.join(map(str, _SUFFIX))} output, got {qtype!r} blocks of shape "
+                          f"{tuple(blocks.shape)} and a {out.dtype} output")
+    if blocks.device.type != "cpu" or out.device.type != "cpu":
+        raise FormatError(f"gguf_native.decode_into: CPU tensors only, got blocks on {blocks.device} and the output "
+                          f"on {out.device}")
     n = blocks.shape[0]
     filled = out.view(-1)[: n * _BLOCK_ELEMS[qtype]]
     if not (blocks.is_contiguous() and out.is_contiguous() and blocks.dtype == torch.uint8
@@ -134,7 +149,8 @@ def transpose_into(lib: Optional[ctypes.CDLL], src: Tensor, dst: Tensor) -> None
     """``dst.copy_(src.t())`` for a contiguous ``src`` [r, c] and a ``dst`` [c, r] whose rows are
     strided (a column slice of a row-major matrix): the C loop for 2-byte dtypes, else torch."""
     if (lib is None or src.element_size() != 2 or src.dtype != dst.dtype or not src.is_contiguous()
-            or dst.stride(1) != 1 or dst.shape != src.shape[::-1]):
+            or dst.stride(1) != 1 or dst.shape != src.shape[::-1]
+            or src.device.type != "cpu" or dst.device.type != "cpu"):
         dst.copy_(src.t())
         return
     lib.fxq_transpose_2(src.data_ptr(), src.shape[0], src.shape[1], dst.data_ptr(), dst.stride(0))

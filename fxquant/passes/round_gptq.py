@@ -26,11 +26,11 @@ from ``W`` (`fxquant.codecs.grid`: Q8_0's fp16 ``d`` per 32 weights; Q4_K's ``d`
 (`fxquant.codecs.grid_values`), and GPTQ chooses q in the encoder's range (-127..127, 0..15) the
 same way. ``W'`` is those values in W's dtype, and the record's ``rounding`` carries the grid to
 ``lower_gguf``, which encodes ``W'`` on it (`fxquant.codecs.quantize_on_grid`, nearest code); the
-pass checks per weight that those bytes decode to GPTQ's float32 values bit for bit (``PassError``
-otherwise). In bfloat16, storing a value moves it by at most 2^-9 of its magnitude, less than half
+pass checks per weight that those bytes decode to GPTQ's float32 values bit for bit. In bfloat16, storing a value moves it by at most 2^-9 of its magnitude, less than half
 a step for any value within 256 steps of 0: every Q8_0 value (|q| <= 127), and Q4_K values unless a
 sub-block's min lies hundreds of its own steps below zero (a tight cluster of same-signed weights),
-the one case that raises. The bytes are valid GGUF blocks: the headers are the reference encoder's,
+the one case where they do not survive: that weight keeps round-to-nearest (logged, its record
+says ``rounding: rtn``), the others are rounded as usual. The bytes are valid GGUF blocks: the headers are the reference encoder's,
 only the codes differ. A linear already rounded (``rounding`` set) is declined.
 
 Memory: one Hessian per distinct input (q/k/v share one), ``in_features^2`` float32 each
@@ -148,6 +148,16 @@ def pinned_weight(w: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return torch.where(c.abs() == INT8_MAX, torch.sign(c) * amax, c * scale[:, None]).to(w.dtype)
 
 
+class _NotRepresentable(PassError):
+    """GPTQ's values for one weight do not survive storage in its dtype (module doc): that weight
+    keeps round-to-nearest."""
+
+
+def _keep_rtn(nodes: list[fx.Node]) -> None:
+    for n in nodes:
+        meta.update(n, rounding=meta.Rounding("rtn", 0.0))
+
+
 class RoundGPTQ(FxquantPass):
     """Replace the float weight of every linear selected W8A8, Q4_K or Q8_0 by its GPTQ weight (module doc).
 
@@ -198,8 +208,14 @@ class RoundGPTQ(FxquantPass):
                 w = graph.weight(gm, nodes[0])  # with fold_smoothing's column scaling
                 h = sum(hess[n.args[0]] for n in nodes).to(w.device)
                 scheme = schemes.pop()
-                new, rounding = (self._int8(target, w, h), None) if scheme is Scheme.W8A8 else \
-                    self._on_grid(target, w, h, scheme.value)
+                try:
+                    new, rounding = (self._int8(target, w, h), None) if scheme is Scheme.W8A8 else \
+                        self._on_grid(target, w, h, scheme.value)
+                except _NotRepresentable as e:
+                    _keep_rtn(nodes)
+                    log.warning("%s: %s keeps round-to-nearest: %s", self.name, target, e)
+                    modified = True
+                    continue
                 if not torch.equal(new, w):  # W8A8: a second run finds the codes already there
                     for n in nodes:
                         graph.set_weight(gm, n, new)
@@ -227,13 +243,14 @@ class RoundGPTQ(FxquantPass):
     def _too_wide(self, users: dict[str, list[fx.Node]]) -> bool:
         """Leave the weights whose own Hessian exceeds ``hessian_bytes`` to round-to-nearest
         (removed from ``users``, recorded as ``rounding: rtn``); True if there were any."""
-        wide = [t for t, nodes in users.items() if 4 * meta.get(nodes[0]).in_features ** 2 > self.hessian_bytes]
-        for target in wide:
-            for n in users.pop(target):
-                meta.update(n, rounding=meta.Rounding("rtn", 0.0))
-            log.warning("%s: %s keeps round-to-nearest: its Hessian (%d inputs, %.1f GB float32) is over "
-                        "hessian_bytes=%d (recipe.gptq_hessian_bytes)", self.name, target,
-                        meta.get(n).in_features, 4 * meta.get(n).in_features ** 2 / 1e9, self.hessian_bytes)
+        def need(nodes: list[fx.Node]) -> int:  # one Hessian per distinct input of the weight's readers
+            return sum(4 * meta.get(n).in_features ** 2 for n in {n.args[0]: n for n in nodes}.values())
+
+        wide = {t: need(nodes) for t, nodes in users.items() if need(nodes) > self.hessian_bytes}
+        for target, nbytes in wide.items():
+            _keep_rtn(users.pop(target))
+            log.warning("%s: %s keeps round-to-nearest: its Hessian (%.2f GB float32) is over hessian_bytes=%d "
+                        "(recipe.gptq_hessian_bytes)", self.name, target, nbytes / 1e9, self.hessian_bytes)
         return bool(wide)
 
     def _int8(self, target: str, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -254,7 +271,7 @@ class RoundGPTQ(FxquantPass):
         got = codecs.dequantize(codecs.quantize_on_grid(new.float().cpu(), g, qtype), qtype).to(w.device)
         if not torch.equal(got, values):
             bad = int((got != values).sum())
-            raise PassError(f"{self.name}: {target}: {bad} of the {qtype} GPTQ values stored as {w.dtype} do not "
+            raise _NotRepresentable(f"{self.name}: {target}: {bad} of the {qtype} GPTQ values stored as {w.dtype} do not "
                             f"encode back to their codes on the fixed grid")
         return new, meta.Rounding("gptq", self.damp, torch.from_numpy(g))
 

@@ -138,6 +138,26 @@ def test_half_precision_weights_still_encode_back_exactly(dtype):
     assert torch.equal(w_dec.to(dtype), w_half) and not torch.equal(w_dec, w_half.float())  # W' rounded, bytes exact
 
 
+def test_a_weight_whose_gptq_values_do_not_survive_bfloat16_keeps_round_to_nearest(caplog):
+    """A tight cluster of same-signed weights puts Q4_K's min hundreds of steps below zero: GPTQ's
+    values then do not survive bfloat16 storage. That weight alone keeps the encoder's own codes."""
+    m, cal, gm = setup("q4_k", dtype=torch.bfloat16, n=2)
+    with torch.no_grad():
+        gm.a.weight.copy_(-1.0 - 0.05 * torch.rand(512, 256))  # gm's own copy: the pass replaces it, never in place
+    before = gm.a.weight.detach().clone()
+    with caplog.at_level("WARNING", logger="fxquant"):
+        assert RoundGPTQ(cal)(gm).modified is True
+    recs = {r.name: r for _, r in meta.records(gm)}
+    assert recs["a"].rounding == meta.Rounding("rtn", 0.0) and "a.weight keeps round-to-nearest" in caplog.text
+    assert torch.equal(gm.a.weight, before)
+    assert recs["b"].rounding.method == "gptq" and recs["c"].rounding.method == "gptq"  # the others are rounded
+    LowerGGUF()(gm)
+    w_dec = decoded(gm)["a"][1]
+    ref = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(
+        codecs.quantize(before.float(), "q4_k"), gguf.GGMLQuantizationType.Q4_K)))
+    assert torch.equal(w_dec, ref)  # llama.cpp's codes for that weight
+
+
 def test_second_run_changes_nothing_and_other_schemes_are_declined():
     m, cal, gm = setup("q4_k", n=2)
     RoundGPTQ(cal)(gm)
