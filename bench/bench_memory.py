@@ -13,8 +13,9 @@ A sampling thread reads the process RSS every millisecond; the phase it is charg
 running (each pass's ``__call__`` is wrapped to name itself):
 
     trace      torch.export until the first pass
-    stats      find_linears, collect_stats, score_fragility, select_protected
+    stats      find_linears, collect_stats, score_fragility, score_sensitivity, select_schemes
     smoothing  fold_smoothing
+    gptq       round_gptq (presets with GPTQ rounding)
     lowering   lower_w8a8 / lower_gguf, materialize_folds, and owning what stays float
 
 Numbers are RSS above the process's RSS just before the model was built (Python, torch, the
@@ -44,7 +45,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "memory.json"
 PHASES = {"find_linears": "stats", "collect_stats": "stats", "score_fragility": "stats", "select_protected": "stats",
-          "select_schemes": "stats", "fold_smoothing": "smoothing"}
+          "score_sensitivity": "stats", "select_schemes": "stats", "fold_smoothing": "smoothing", "round_gptq": "gptq"}
+COLUMNS = ("trace", "stats", "smoothing", "gptq", "lowering")
 
 
 def _rss() -> int:
@@ -142,7 +144,7 @@ def child(args: argparse.Namespace) -> dict:
     output_bytes = sum(t.numel() * t.element_size() for t in list(gm.parameters()) + list(gm.buffers()))
     counts = fxquant.summary(gm).counts()
     peaks = {k: v - base for k, v in sampler.peaks.items()}
-    compile_peak = max(peaks.get(p, 0) for p in ("trace", "stats", "smoothing", "lowering"))
+    compile_peak = max(peaks.get(p, 0) for p in COLUMNS)
     return dict(layers=args.layers, recipe=args.recipe, protect_by=str(getattr(recipe.protect_by, "value", "")), mode=args.mode, tokens=args.tokens, items=args.items,
                 params=nparams, input_bytes=input_bytes, output_bytes=output_bytes, baseline_rss=base,
                 peaks=peaks, compile_peak=compile_peak, warmup_rss=base - before_warmup if args.warmup else None, build_s=t_build, compile_s=t_compile,
@@ -173,7 +175,7 @@ def extrapolate(rows: list[dict], layers: int = 34) -> list[dict]:
 
         est = dict(layers=layers, recipe=recipe, mode=mode, params=lin("params"), input_bytes=lin("input_bytes"),
                    output_bytes=lin("output_bytes"), compile_peak=lin("compile_peak"),
-                   peaks={p: lin("peaks", p) for p in ("trace", "stats", "smoothing", "lowering")},
+                   peaks={p: lin("peaks", p) for p in COLUMNS if p in a["peaks"] and p in b["peaks"]},
                    s_per_billion=lin("compile_s") / (lin("params") / 1e9), extrapolated=True)
         out.append(est)
     return out
@@ -182,14 +184,14 @@ def extrapolate(rows: list[dict], layers: int = 34) -> list[dict]:
 def table(rows: list[dict]) -> str:
     gb = 1e9
     head = (f"{'layers':>6} {'recipe':<11} {'mode':<8} {'params':>7} {'input':>7} {'output':>7} {'trace':>7} "
-            f"{'stats':>7} {'smooth':>7} {'lower':>7} {'peak':>7} {'/input':>6} {'target':>7} {'met':>4} {'s/B':>6}")
+            f"{'stats':>7} {'smooth':>7} {'gptq':>7} {'lower':>7} {'peak':>7} {'/input':>6} {'target':>7} {'met':>4} {'s/B':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         limit, ok = target(r)
         p = r["peaks"]
         lines.append(
             f"{r['layers']:>6} {r['recipe']:<11} {r['mode']:<8} {r['params'] / 1e9:>6.2f}B {r['input_bytes'] / gb:>6.2f}G "
-            f"{r['output_bytes'] / gb:>6.2f}G " + " ".join(f"{p.get(k, 0) / gb:>6.2f}G" for k in ("trace", "stats", "smoothing", "lowering"))
+            f"{r['output_bytes'] / gb:>6.2f}G " + " ".join(f"{p.get(k, 0) / gb:>6.2f}G" for k in COLUMNS)
             + f" {r['compile_peak'] / gb:>6.2f}G {r['compile_peak'] / r['input_bytes']:>5.2f}x {limit / gb:>6.2f}G"
             f" {'yes' if ok else 'NO':>4} {r['s_per_billion']:>6.1f}" + ("  (extrapolated)" if r.get("extrapolated") else ""))
     return "\n".join(lines)
