@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..codecs import BLOCKS
 from ..errors import FormatError
 
 log = logging.getLogger("fxquant")
@@ -41,8 +42,7 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c99", "-fPIC", "-sha
 ENV_SWITCH = "FXQUANT_GGUF_NATIVE"  # "0": use the torch decoder
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 DTYPES = tuple(_SUFFIX)  # the output dtypes the C decoder writes
-_BLOCK_BYTES = {"q4_k": 144, "q8_0": 34}
-_BLOCK_ELEMS = {"q4_k": 256, "q8_0": 32}
+QTYPES = ("q4_k", "q8_0")  # the block types gguf_decode.c decodes (sizes: codecs.BLOCKS)
 
 
 def cache_dir() -> Path:
@@ -108,7 +108,7 @@ def load(portable: bool = False) -> Optional[ctypes.CDLL]:
         log.warning("fxquant: the native GGUF decoder could not be built (%s); linear_gguf on CPU decodes "
                     "with torch ops, 1.3-3.5x slower (set %s=0 to choose that and silence this)", e, ENV_SWITCH)
         return None
-    for qtype in _BLOCK_BYTES:
+    for qtype in QTYPES:
         for suffix in _SUFFIX.values():
             fn = getattr(lib, f"fxq_{qtype}_{suffix}")
             fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p], None
@@ -127,19 +127,19 @@ def library() -> Optional[ctypes.CDLL]:
 def decode_into(lib: ctypes.CDLL, blocks: Tensor, qtype: str, out: Tensor) -> Tensor:
     """Decode ``blocks`` (uint8, contiguous ``[n, block_bytes]``) into ``out`` (contiguous, at least
     ``n * block_elems`` elements of float32, bfloat16 or float16); returns the filled part of ``out``."""
-    if qtype not in _BLOCK_BYTES or out.dtype not in _SUFFIX or blocks.dim() != 2:
-        raise FormatError(f"gguf_native.decode_into: need 2-D {sorted(_BLOCK_BYTES)} blocks and a "
+    if qtype not in QTYPES or out.dtype not in _SUFFIX or blocks.dim() != 2:
+        raise FormatError(f"gguf_native.decode_into: need 2-D {sorted(QTYPES)} blocks and a "
                           f"{'/'.join(map(str, _SUFFIX))} output, got {qtype!r} blocks of shape "
                           f"{tuple(blocks.shape)} and a {out.dtype} output")
     if blocks.device.type != "cpu" or out.device.type != "cpu":
         raise FormatError(f"gguf_native.decode_into: CPU tensors only, got blocks on {blocks.device} and the output "
                           f"on {out.device}")
-    n = blocks.shape[0]
-    filled = out.view(-1)[: n * _BLOCK_ELEMS[qtype]]
+    n, (elems, nbytes) = blocks.shape[0], BLOCKS[qtype]
+    filled = out.view(-1)[: n * elems]
     if not (blocks.is_contiguous() and out.is_contiguous() and blocks.dtype == torch.uint8
-            and blocks.shape[1] == _BLOCK_BYTES[qtype] and filled.numel() == n * _BLOCK_ELEMS[qtype]):
-        raise FormatError(f"gguf_native.decode_into: need contiguous uint8 [n, {_BLOCK_BYTES[qtype]}] {qtype} blocks "
-                          f"and a contiguous output of {n * _BLOCK_ELEMS[qtype]} elements, got {blocks.dtype} "
+            and blocks.shape[1] == nbytes and filled.numel() == n * elems):
+        raise FormatError(f"gguf_native.decode_into: need contiguous uint8 [n, {nbytes}] {qtype} blocks "
+                          f"and a contiguous output of {n * elems} elements, got {blocks.dtype} "
                           f"{tuple(blocks.shape)} and {out.dtype} {tuple(out.shape)}")
     getattr(lib, f"fxq_{qtype}_{_SUFFIX[out.dtype]}")(blocks.data_ptr(), n, filled.data_ptr())
     return filled

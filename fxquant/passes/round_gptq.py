@@ -253,7 +253,8 @@ class RoundGPTQ(FxquantPass):
         def need(nodes: list[fx.Node]) -> int:  # one Hessian per distinct input of the weight's readers
             return sum(4 * meta.get(n).in_features ** 2 for n in {n.args[0]: n for n in nodes}.values())
 
-        wide = {t: need(nodes) for t, nodes in users.items() if need(nodes) > self.hessian_bytes}
+        sizes = {t: need(nodes) for t, nodes in users.items()}
+        wide = {t: nbytes for t, nbytes in sizes.items() if nbytes > self.hessian_bytes}
         for target, nbytes in wide.items():
             _keep_rtn(users.pop(target))
             log.warning("%s: %s keeps round-to-nearest: its Hessian (%.2f GB float32) is over hessian_bytes=%d "

@@ -105,25 +105,11 @@ class _OneQuantized(fx.Interpreter):
         return W8A8(args[0], self.q, self.scale, bias, self.smooth)
 
 
-def _row_slices(w: torch.Tensor, slice_elems: int = 1 << 22):
-    step = max(1, slice_elems // max(1, w[0].numel()))
-    return ((i, w[i:i + step]) for i in range(0, w.shape[0], step))
-
-
-def _col_absmax(w: torch.Tensor) -> torch.Tensor:
+def _col_absmax(w: torch.Tensor, slice_elems: int = 1 << 22) -> torch.Tensor:
     """``w.float().abs().amax(0)`` a slice of rows at a time (no float32 copy of the weight: 1 GB for
-    Ideogram 4's ``llm_cond_proj``, several while it was scaled and quantized)."""
-    return torch.stack([b.abs().amax(0) for _, b in _row_slices(w)]).amax(0).float()
-
-
-def _quantize_scaled(w: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize_weight_per_channel(w.float() * s)`` a slice of rows at a time (rows are independent:
-    the same bits)."""
-    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
-    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
-    for i, b in _row_slices(w):
-        q[i:i + b.shape[0]], scale[i:i + b.shape[0]] = quantize_weight_per_channel(b.float() * s[None, :])
-    return q, scale
+    Ideogram 4's ``llm_cond_proj``)."""
+    step = max(1, slice_elems // max(1, w[0].numel()))
+    return torch.stack([b.abs().amax(0) for b in w.split(step)]).amax(0).float()
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:
@@ -194,15 +180,17 @@ class ScoreSensitivity(FxquantPass):
         return self._quantize(gm, node, rec)
 
     def _quantize(self, gm: fx.GraphModule, node: fx.Node, rec: meta.LinearRecord):
-        w = graph.weight(gm, node).detach()  # the parameter (no fold chain before fold_smoothing): no copy
         if self.alpha is None:
-            return (*quantize_weight_per_channel(w), None)
+            return (*graph.weight_rows(gm, node, quantize_weight_per_channel), None)
+        w = graph.weight(gm, node).detach()  # the parameter (no fold chain before fold_smoothing): no copy
         act = rec.stats.channel_max_abs if rec.stats is not None else None
         if act is None or tuple(act.shape) != (rec.in_features,):
             raise PassError(f"{self.name}: linear {rec.name!r} has no per-channel activation max "
                             "(stats.channel_max_abs); run collect_stats first")
         s = smoothing_vector(act.float().to(w.device), _col_absmax(w), self.alpha, rec.name)
-        return (*_quantize_scaled(w, s), 1.0 / s)
+        # a slice of rows at a time (rows are independent: the same bits as the whole weight)
+        q, scale = graph.weight_rows(gm, node, lambda rows: quantize_weight_per_channel(rows.float() * s[None, :]))
+        return q, scale, 1.0 / s
 
     def _reference(self, gm, recs, inputs):
         """Float outputs per batch, and each linear's local relative error (one forward per batch)."""
