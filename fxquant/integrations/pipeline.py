@@ -31,7 +31,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 
 from ..api import compile as fxq_compile
-from ..artifacts.common import PathLike, fspath
+from ..artifacts.common import PathLike, atomic_write, fspath
 from ..artifacts.io import load, save
 from ..errors import CalibrationError, FormatError, FxquantError
 from ..module import QuantizedModule
@@ -164,17 +164,8 @@ def save_pipeline(pipe: Any, directory: PathLike) -> list[str]:
         written.append(path)
     manifest = {"format": FORMAT, "format_version": 1, "pipeline_class": type(pipe).__name__,
                 "components": {name: f"{name}.safetensors" for name in parts}}
-    path = os.path.join(directory, MANIFEST)
-    tmp = f"{path}.partial"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise FormatError(f"save_pipeline: cannot write {path}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    path = atomic_write(os.path.join(directory, MANIFEST),
+                        json.dumps(manifest, indent=1, sort_keys=True).encode(), "save_pipeline")
     return written + [path]
 
 
