@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 import fxquant  # noqa: F401  (registers fxquant::linear_gguf)
 from fxquant import codecs
+from fxquant.artifacts.common import atomic_write
 from fxquant.ops import gguf_cpu, gguf_native
 
 SHAPES = [(3072, 3072), (4608, 4608), (4608, 12288), (12288, 4608)]  # (in_features, out_features)
@@ -127,9 +128,7 @@ def main() -> None:
               "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "loadavg_before": load_before, "loadavg_after": load_after, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, args.out)  # atomic
+    atomic_write(args.out, json.dumps(result, indent=1).encode(), "bench_gguf_op")
     print(f"wrote {args.out}")
 
 

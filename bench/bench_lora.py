@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 import fxquant
+from fxquant.artifacts.common import atomic_write
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_w8a8 import build_model, inputs, sample  # noqa: E402
@@ -166,10 +167,7 @@ def main() -> None:
     out = dict(machine=machine, compile_s=compile_s, apply_lora_ms=apply_ms, remove_lora_ms=remove_ms,
                ranks=args.ranks, per_linear=linears, results=results)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{args.json}.partial"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(tmp, args.json)
+    atomic_write(args.json, json.dumps(out, indent=1).encode(), "bench_lora")
     print(f"wrote {args.json}")
 
 

@@ -233,9 +233,10 @@ def main() -> None:
     print(table(rows))
     print(f"load average {os.getloadavg()}; RSS above the pre-build baseline; G = 1e9 bytes")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"rows": rows, "loadavg": os.getloadavg(), "cpus": os.cpu_count()}, indent=1))
-    os.replace(tmp, args.out)
+    from fxquant.artifacts.common import atomic_write
+
+    atomic_write(args.out, json.dumps({"rows": rows, "loadavg": os.getloadavg(), "cpus": os.cpu_count()},
+                                      indent=1).encode(), "bench_memory")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from torch._dynamo.utils import counters
 
 import fxquant
 from fxquant.artifacts.export import export_program
+from fxquant.artifacts.common import atomic_write
 from fxquant.models import ideogram4_inputs, reduced_ideogram4
 
 SHAPES = [(b, t) for b in (2, 3) for t in (8, 13, 21)]
@@ -83,10 +84,7 @@ def main() -> None:
               "shapes_batch_textlen": SHAPES, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "loadavg": os.getloadavg(), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{args.out}.partial"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)
+    atomic_write(args.out, json.dumps(result, indent=1).encode(), "bench_torch_compile")
     print(f"load average {os.getloadavg()}; wrote {args.out}")
 
 

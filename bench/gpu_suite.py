@@ -39,6 +39,7 @@ from torch import Tensor
 
 import fxquant
 from fxquant import codecs
+from fxquant.artifacts.common import atomic_write
 from fxquant.models import ideogram4_inputs, reduced_ideogram4
 from fxquant.ops import gguf, w8a8
 
@@ -260,9 +261,7 @@ def main() -> int:
                   f"{r['vs_bf16_compiled']:16.2f}x {r['rel_err_vs_bf16']:8.4f}")
     result["wall_s"] = time.perf_counter() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, args.out)
+    atomic_write(args.out, json.dumps(result, indent=1).encode(), "gpu_suite")
     print(f"\nwrote {args.out} ({result['wall_s']:.0f} s)")
     return 0 if all(c["ok"] for c in result["checks"].values()) else 1
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 import fxquant
+from fxquant.artifacts.common import atomic_write
 from fxquant.models import ideogram4_inputs, ideogram4_trajectory, reduced_ideogram4
 
 
@@ -112,10 +113,7 @@ def main() -> None:
     out = dict(rows=rows, rank=args.rank, delta=args.delta, loadavg_start=load0, loadavg_end=os.getloadavg(),
                torch=torch.__version__, threads=torch.get_num_threads())
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{args.json}.partial"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(tmp, args.json)
+    atomic_write(args.json, json.dumps(out, indent=1).encode(), "lora_quality")
     print(f"\nload average start {load0}, end {out['loadavg_end']} (shared machine); wrote {args.json}")
 
 
