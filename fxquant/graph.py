@@ -10,11 +10,15 @@ import torch.fx as fx
 
 from . import memory
 from .errors import CalibrationError, PassError
+from .ops import dequant as _dequant  # noqa: F401 - registers fxquant::dequantize_*
 from .ops import fold as _fold  # noqa: F401 - registers fxquant::scale_param
 from .trace import as_args_kwargs
 
 LINEAR = torch.ops.aten.linear.default
 SCALE_PARAM = torch.ops.fxquant.scale_param.default
+DEQUANTIZE_INT8 = torch.ops.fxquant.dequantize_int8.default
+DEQUANTIZE_GGUF = torch.ops.fxquant.dequantize_gguf.default
+DEQUANTIZE = (DEQUANTIZE_INT8, DEQUANTIZE_GGUF)
 
 
 def is_linear(node: fx.Node) -> bool:
@@ -56,18 +60,32 @@ def weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
 
 
 def param_value(gm: torch.nn.Module, arg: fx.Node) -> torch.Tensor:
-    """The value of a ``get_attr`` node, or of a chain of ``fxquant::scale_param`` over one."""
+    """The value of a ``get_attr`` node, of a chain of ``fxquant::scale_param`` over one, or of a
+    ``fxquant::dequantize_*`` of quantized buffers (``round_gptq``'s rounded weights)."""
     if arg.op == "get_attr":
         return get_attr(gm, str(arg.target))
     if arg.op == "call_function" and arg.target is SCALE_PARAM:
         p, s, *rest = arg.args
         return _fold.scale_region(param_value(gm, p), param_value(gm, s), *rest)
+    if is_dequantize(arg):
+        return arg.target(*(get_attr(gm, str(a.target)) if isinstance(a, fx.Node) else a for a in arg.args))
     raise PassError(f"expected a parameter (get_attr or fxquant::scale_param over one), found {arg.format_node()}")
 
 
+def is_dequantize(arg: Any) -> bool:
+    """A ``fxquant::dequantize_int8`` / ``dequantize_gguf`` node (a weight ``round_gptq`` rounded)."""
+    return isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target in DEQUANTIZE
+
+
 def root_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
-    """The parameter under a linear's weight (before any fold): its shape and dtype, no copy."""
-    return get_attr(gm, str(param_root(node.args[1]).target))
+    """The parameter under a linear's weight (before any fold): its shape and dtype, no copy. For a
+    rounded weight (``fxquant::dequantize_*``), a meta tensor of the float weight's shape and dtype."""
+    root = param_root(node.args[1])
+    if is_dequantize(root):
+        codes = get_attr(gm, str(root.args[0].target))
+        cols = codes.shape[1] if root.target is DEQUANTIZE_INT8 else root.args[2]
+        return torch.empty((codes.shape[0], cols), dtype=root.args[-1], device="meta")
+    return get_attr(gm, str(root.target))
 
 
 def weight_rows(gm: fx.GraphModule, node: fx.Node, fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
@@ -85,7 +103,7 @@ def weight_rows(gm: fx.GraphModule, node: fx.Node, fn: Callable[[torch.Tensor], 
     while arg.op == "call_function" and arg.target is SCALE_PARAM:
         chain.append(arg)
         arg = arg.args[0]
-    base = get_attr(gm, str(arg.target))
+    base = param_value(gm, arg) if is_dequantize(arg) else get_attr(gm, str(arg.target))  # rounded: one layer
     folds = [(param_value(gm, c.args[1]), *c.args[2:]) for c in reversed(chain)]
     step = max(1, slice_elems // max(1, base[0].numel()))
     outs: list[torch.Tensor] = []
@@ -190,12 +208,13 @@ def replace_node(gm: fx.GraphModule, node: fx.Node, target: Callable[..., Any], 
 
 
 def release_unused(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
-    """Erase the ``get_attr`` / ``fxquant::scale_param`` nodes among ``nodes`` (and below them)
+    """Erase the ``get_attr`` / ``fxquant::scale_param`` / ``fxquant::dequantize_*`` nodes among ``nodes`` (and below them)
     that nothing reads, and delete a parameter or buffer once no ``get_attr`` node names it."""
     todo = list(nodes)
     while todo:
         n = todo.pop()
-        if getattr(n, "_erased", False) or n.users or not (n.op == "get_attr" or n.target is SCALE_PARAM):
+        if getattr(n, "_erased", False) or n.users or not (n.op == "get_attr" or n.target is SCALE_PARAM
+                                                           or is_dequantize(n)):
             continue
         todo += list(n.all_input_nodes)
         target = str(n.target) if n.op == "get_attr" else None

@@ -142,23 +142,20 @@ class Smoothing:
 
 @dataclass(frozen=True)
 class Rounding:
-    """Written by ``round_gptq`` for a linear selected ``q4_k`` / ``q8_0``: its weight was replaced by
-    GPTQ's values on the fixed grid ``grid``, the block headers (`fxquant.codecs.grid`: uint8
-    ``[out_features, blocks * header_bytes]``) the reference encoder computed from the original
-    weight. ``lower_gguf`` encodes the weight on that grid (`fxquant.codecs.quantize_on_grid`) and,
-    once the bytes hold it, keeps the record without the grid (the one field a second pass
-    touches, so that the compiled module does not carry 0.5 bit per weight twice). The grid is not
-    mirrored to JSON. (W8A8 needs no record: its pinned weight gives back its own scale.)
-    ``method="rtn"`` (any scheme, no grid): the weight's own Hessian was over ``hessian_bytes``, so
-    GPTQ left it to the lowering's round-to-nearest.
+    """Written by ``round_gptq``: the linear's weight was replaced by GPTQ's codes (int8 on the RTN
+    per-row scale for W8A8; GGUF bytes on the reference encoder's block headers for ``q4_k`` /
+    ``q8_0``), read through ``fxquant::dequantize_*`` until the lowering takes them as they are.
+    ``groups``: the number of column groups GPTQ ran on, each against its own diagonal block of the
+    Hessian (1: the whole Hessian; more when it did not fit ``hessian_bytes``). ``method="rtn"``
+    appears in records written by earlier versions, for a weight left to round-to-nearest.
     """
 
     method: str = "gptq"
     damp: float = 0.0
-    grid: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
+    groups: int = 1
 
     def to_json(self) -> dict[str, Any]:
-        return {"method": self.method, "damp": self.damp}
+        return {"method": self.method, "damp": self.damp, "groups": self.groups}
 
 
 @dataclass(frozen=True)
@@ -197,7 +194,7 @@ class LinearRecord:
     sensitivity: Optional[Sensitivity] = None  # score_sensitivity
     selection: Optional[Selection] = None  # select_schemes
     smoothing: Optional[Smoothing] = None  # fold_smoothing
-    rounding: Optional[Rounding] = None  # round_gptq (GGUF schemes; lower_gguf drops its grid)
+    rounding: Optional[Rounding] = None  # round_gptq
     lowering: Optional[Lowering] = None  # the lowering pass owning selection.scheme
 
     @property

@@ -89,9 +89,11 @@ class Recipe:
             codes on the block scales (and mins) llama.cpp's reference encoder computes.
         gptq_damp: GPTQ's Hessian damping, a fraction of its mean diagonal.
         gptq_hessian_bytes: the most memory GPTQ's Hessians take at once (float32 ``in_features^2``
-            per distinct input, plus about 3x that while one weight is rounded). A linear whose own
-            Hessian is larger keeps round-to-nearest (logged; its record says ``rounding: rtn``):
-            Ideogram 4's ``llm_cond_proj`` (53248 inputs) needs 11.3 GB. Default 2 GiB.
+            per distinct input, and one extra copy while it is inverted); 0 (default): a tenth of
+            the model's float bytes, at least 64 MiB, which keeps compile within the memory targets
+            of docs/memory.md. A weight whose own Hessian does not fit twice is rounded in column
+            groups that do (``rounding.groups``; Ideogram 4's ``llm_cond_proj``, 53248 inputs,
+            would need 11.3 GB). More memory, fewer forward passes and groups.
     """
 
     name: str = "custom"
@@ -113,7 +115,7 @@ class Recipe:
     sensitivity_samples: int = 2
     gptq: bool = False
     gptq_damp: float = 0.01
-    gptq_hessian_bytes: int = 2 << 30
+    gptq_hessian_bytes: int = 0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -155,7 +157,7 @@ class Recipe:
             object.__setattr__(self, key, float(v))
         if self.gptq and not self.gptq_damp > 0:
             raise RecipeError(f"recipe.gptq_damp: expected a number in (0, 1] with gptq, got {self.gptq_damp!r}")
-        for key, low in (("protect_budget_bytes", 0), ("sensitivity_samples", 1), ("gptq_hessian_bytes", 1)):
+        for key, low in (("protect_budget_bytes", 0), ("sensitivity_samples", 1), ("gptq_hessian_bytes", 0)):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise RecipeError(f"recipe.{key}: expected an integer >= {low}, got {v!r}")

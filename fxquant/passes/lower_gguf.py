@@ -7,16 +7,14 @@ weight-only custom op.
 ``l.qweight`` is a uint8 buffer ``[out_features, row_bytes]`` holding the exact GGUF bytes
 (`fxquant.codecs.quantize`); the float weight is deleted from the module. Every other node is
 declined: linears of other schemes, and nodes already lowered. A linear ``round_gptq`` rounded
-(its record's ``rounding`` holds the block headers, the grid) is encoded on that grid
-(`fxquant.codecs.quantize_on_grid`), so its bytes decode to GPTQ's values; the grid then leaves
-the record (the bytes hold it). Whether a linear's width fits the
+reads ``fxquant.dequantize_gguf(get_attr[l.qweight], qtype, in_features, dtype)``: its bytes are
+taken as they are. Whether a linear's width fits the
 block size was decided by ``select_schemes`` (the recipe's misaligned policy); a selection that
 does not fit is a `PassError` here, never a silent fallback.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Optional
 
 import torch
@@ -31,23 +29,23 @@ LINEAR_GGUF = torch.ops.fxquant.linear_gguf.default
 QWEIGHT_SUFFIX = ".qweight"
 
 
-def _encoder(qtype: str, rounding: Optional[meta.Rounding]) -> Callable[[torch.Tensor], tuple[torch.Tensor]]:
-    """Slices of rows (in order, `graph.weight_rows`) -> their bytes: the reference encoder, or the
-    encoder on ``round_gptq``'s fixed grid. The codecs quantize float32 (as llama.cpp does from
-    f16/bf16); new tensors, never in place."""
-    grid = None if rounding is None else rounding.grid
-    done = 0
-
+def _encoder(qtype: str) -> Callable[[torch.Tensor], tuple[torch.Tensor]]:
+    """Slices of rows (`graph.weight_rows`) -> their bytes, by the reference encoder. The codecs
+    quantize float32 (as llama.cpp does from f16/bf16); new tensors, never in place."""
     def encode(rows: torch.Tensor) -> tuple[torch.Tensor]:
-        nonlocal done
-        x = rows.detach().float().cpu().numpy()
-        if grid is None:
-            b = codecs.quantize(x, qtype)
-        else:
-            b = codecs.quantize_on_grid(x, grid[done:done + x.shape[0]].numpy(), qtype)
-            done += x.shape[0]
-        return (torch.from_numpy(b).to(rows.device),)
+        return (torch.from_numpy(codecs.quantize(rows.detach().float().cpu().numpy(), qtype)).to(rows.device),)
     return encode
+
+
+def _rounded(node: fx.Node, rec: meta.LinearRecord, qtype: str) -> Optional[fx.Node]:
+    """The ``get_attr`` node of the bytes of a weight ``round_gptq`` rounded, or None."""
+    arg = node.args[1]
+    if not graph.is_dequantize(arg):
+        return None
+    if arg.target is not graph.DEQUANTIZE_GGUF or str(arg.args[1]).lower() != qtype:
+        raise PassError(f"lower_gguf: linear {rec.name!r} is selected {qtype} but reads a weight rounded for "
+                        f"another scheme ({arg.format_node()})")
+    return arg.args[0]
 
 
 class LowerGGUF(FxquantPass):
@@ -73,18 +71,18 @@ class LowerGGUF(FxquantPass):
                 raise PassError(f"{self.name}: linear {rec.name!r} is selected {qtype} but its in_features "
                                 f"{rec.in_features} is not a multiple of the block ({block}); select_schemes "
                                 f"applies the recipe's misaligned policy")
-            packed = graph.weight_rows(gm, node, _encoder(qtype, rec.rounding))[0]
-            target = rec.name + QWEIGHT_SUFFIX
-            graph.set_buffer(gm, target, packed)
-            args = (node.args[0], graph.get_attr_node(gm, target, node), qtype, rec.in_features, graph.bias_arg(node))
+            qweight = _rounded(node, rec, qtype)
+            if qweight is None:
+                target = rec.name + QWEIGHT_SUFFIX
+                graph.set_buffer(gm, target, graph.weight_rows(gm, node, _encoder(qtype))[0])
+                qweight = graph.get_attr_node(gm, target, node)
+            nbytes = graph.get_attr(gm, str(qweight.target)).numel()
+            args = (node.args[0], qweight, qtype, rec.in_features, graph.bias_arg(node))
             new = graph.replace_node(gm, node, LINEAR_GGUF, args)
-            nbytes = packed.numel()
             note = rec.selection.reason if rec.selection.by is DecidedBy.MISALIGNED else ""
-            if rec.rounding is not None and rec.rounding.grid is not None:
-                note = "; ".join(filter(None, [note, f"{rec.rounding.method}-rounded"]))
-            rounding = None if rec.rounding is None else dataclasses.replace(rec.rounding, grid=None)  # the bytes hold it
-            meta.update(new, rounding=rounding,
-                        lowering=meta.Lowering(rec.selection.scheme, nbytes * 8 / w.numel(), nbytes, note))
+            if rec.rounding is not None and rec.rounding.method == "gptq":
+                note = "; ".join(filter(None, [note, "gptq-rounded"]))
+            meta.update(new, lowering=meta.Lowering(rec.selection.scheme, nbytes * 8 / w.numel(), nbytes, note))
             modified = True
         if modified:
             graph.finalize(gm)

@@ -5,7 +5,9 @@
                                      get_attr[l.bias], smooth)
 
 Weights become per-output-channel symmetric int8 plus a float32 scale per row; the float weight
-is deleted from the module. Where ``fold_smoothing`` recorded a "fused" smoothing (it left a
+is deleted from the module. A weight ``round_gptq`` rounded (read through
+``fxquant.dequantize_int8(get_attr[l.weight_int8], get_attr[l.weight_scale], dtype)``) keeps its
+codes and scale as they are. Where ``fold_smoothing`` recorded a "fused" smoothing (it left a
 ``mul(x, get_attr[l.smooth])`` feeding the linear only), the multiply moves into the op's activation
 quantization instead of running as a separate pass over memory. Every other node is declined:
 linears of other schemes, and nodes already lowered (a second run changes nothing).
@@ -38,6 +40,17 @@ def fused_smooth(node: fx.Node, rec: meta.LinearRecord) -> tuple[fx.Node, fx.Nod
     return x.args[0], x.args[1]
 
 
+def _rounded(node: fx.Node, rec: meta.LinearRecord) -> tuple[fx.Node, fx.Node] | None:
+    """The (int8 codes, scale) ``get_attr`` nodes of a weight ``round_gptq`` rounded, or None."""
+    arg = node.args[1]
+    if not (graph.is_dequantize(arg) and arg.target is graph.DEQUANTIZE_INT8):
+        if graph.is_dequantize(arg):
+            raise PassError(f"lower_w8a8: linear {rec.name!r} is selected w8a8 but reads a weight rounded for "
+                            f"another scheme ({arg.format_node()})")
+        return None
+    return arg.args[0], arg.args[1]
+
+
 class LowerW8A8(FxquantPass):
     """Lower the linears selected ``w8a8`` to ``fxquant::linear_w8a8``.
 
@@ -55,18 +68,16 @@ class LowerW8A8(FxquantPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
         for node, rec, w in owned_linears(gm, self):
-            q, scale = graph.weight_rows(gm, node, ops.quantize_weight_per_channel)  # no full float copy
-            graph.set_buffer(gm, f"{rec.name}.weight_int8", q)
-            graph.set_buffer(gm, f"{rec.name}.weight_scale", scale)
             x, smooth = fused_smooth(node, rec)
-            args = (
-                x,
-                graph.get_attr_node(gm, f"{rec.name}.weight_int8", node),
-                graph.get_attr_node(gm, f"{rec.name}.weight_scale", node),
-                graph.bias_arg(node),
-                smooth,
-            )
-            new = graph.replace_node(gm, node, LINEAR_W8A8, args)
+            codes = _rounded(node, rec)
+            if codes is None:
+                q, scale = graph.weight_rows(gm, node, ops.quantize_weight_per_channel)  # no full float copy
+                graph.set_buffer(gm, f"{rec.name}.weight_int8", q)
+                graph.set_buffer(gm, f"{rec.name}.weight_scale", scale)
+                codes = (graph.get_attr_node(gm, f"{rec.name}.weight_int8", node),
+                         graph.get_attr_node(gm, f"{rec.name}.weight_scale", node))
+            q, scale = (graph.get_attr(gm, str(c.target)) for c in codes)
+            new = graph.replace_node(gm, node, LINEAR_W8A8, (x, *codes, graph.bias_arg(node), smooth))
             bpw = 8 + 32 / rec.in_features  # int8 weights + one float32 scale per row
             meta.update(new, lowering=meta.Lowering(Scheme.W8A8, bpw, q.numel() + scale.numel() * 4))
             modified = True

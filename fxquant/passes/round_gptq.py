@@ -1,63 +1,63 @@
-"""round_gptq: GPTQ rounding for the weights ``lower_w8a8`` and ``lower_gguf`` will quantize
-(new weight constants only).
+"""round_gptq: GPTQ rounding for the weights ``lower_w8a8`` and ``lower_gguf`` will quantize.
 
-    before:  y = aten.linear(x, get_attr[l.weight])     W, float
-    after:   y = aten.linear(x, get_attr[l.weight])     W' = q * s (w8a8) or step * q - offset (q4_k, q8_0)
+    before:  y = aten.linear(x, get_attr[l.weight])                               W, float
+    after:   y = aten.linear(x, fxquant.dequantize_int8(get_attr[l.weight_int8], get_attr[l.weight_scale], bf16))
+             y = aten.linear(x, fxquant.dequantize_gguf(get_attr[l.qweight], "q4_k", in_features, bf16))
 
-``s`` is the per-output-channel scale the lowering computes anyway (``max_k |W[o, k]| / 127``,
-`fxquant.ops.w8a8.quantize_weight_per_channel`); only the rounding changes. The codes ``q`` come
-from GPTQ (Frantar et al., 2023): columns in decreasing order of the calibration Hessian's
-diagonal ("act order"), each column rounded and its error spread over the columns not yet
-rounded through the inverse Hessian ``H = X^T X + damp * mean(diag H) * I`` of the linear's input
-``X`` on the calibration inputs (after smoothing: the pass runs after ``fold_smoothing``).
+The weight becomes its codes: int8 codes on the per-output-channel scale the lowering computes
+anyway (``max_k |W[o, k]| / 127``, `fxquant.ops.w8a8.quantize_weight_per_channel`), or GGUF bytes
+whose block headers are the ones llama.cpp's reference encoder computes from ``W``
+(`fxquant.codecs.grid`: Q8_0's fp16 ``d`` per 32 weights; Q4_K's ``d``, ``dmin`` and 6-bit scales
+and mins per 256; a code q of weight (o, k) stands for ``step * q - offset``,
+`fxquant.codecs.grid_values`). Only the codes differ from round-to-nearest. They come from GPTQ
+(Frantar et al., 2023): columns in decreasing order of the calibration Hessian's diagonal ("act
+order"), each column rounded and its error spread over the columns not yet rounded through the
+inverse Hessian ``H = X^T X + damp * mean(diag H) * I`` of the linear's input ``X`` on the
+calibration inputs (after smoothing: the pass runs after ``fold_smoothing``). The float weight
+(and its fold chain) leaves the module as soon as its codes are there; the lowering then takes
+the codes as they are (``lower_w8a8``: ``linear_w8a8`` on ``weight_int8`` / ``weight_scale``;
+``lower_gguf``: ``linear_gguf`` on ``qweight``). Between the two passes the graph runs, on the
+dequantized codes, and the forwards of later Hessian chunks see the rounded weights of the
+earlier ones. The int8 code at each row's max-|W| position is its RTN code (+-127), so that the
+codes' largest magnitude matches the scale. The GGUF bytes are checked to decode to GPTQ's float32
+values bit for bit (a ``PassError`` otherwise). Each weight's record gets ``rounding``
+(`fxquant.meta.Rounding`); a linear already rounded is declined.
 
-How the codes reach the lowering exactly: the lowering stays the only rewriter into
-``fxquant::linear_w8a8`` and re-quantizes ``W'`` with round-to-nearest. Each row's scale is pinned
-by its largest element: the code at the row's max-|W| position is forced to its RTN code (+-127;
-GPTQ compensates that choice like any other), and every element with code +-127 is stored as the
-row's original max |W| itself, so ``max_k |W'[o, k]|`` and therefore ``s`` are bit-identical to the
-RTN scale. Every other element is ``fl(q * s)`` with ``|q| <= 126``, whose relative rounding error
-(at most 2^-8 in bfloat16) moves ``q`` by less than 0.5: RTN gives back exactly ``q``. The pass
-checks it per weight (``PassError`` otherwise).
-
-GGUF (``q4_k``, ``q8_0``): the grid is the block headers llama.cpp's reference encoder computes
-from ``W`` (`fxquant.codecs.grid`: Q8_0's fp16 ``d`` per 32 weights; Q4_K's ``d``, ``dmin`` and
-6-bit scales and mins per 256), fixed; a code q of weight (o, k) stands for ``step * q - offset``
-(`fxquant.codecs.grid_values`), and GPTQ chooses q in the encoder's range (-127..127, 0..15) the
-same way. ``W'`` is those values in W's dtype, and the record's ``rounding`` carries the grid to
-``lower_gguf``, which encodes ``W'`` on it (`fxquant.codecs.quantize_on_grid`, nearest code); the
-pass checks per weight that those bytes decode to GPTQ's float32 values bit for bit. In bfloat16, storing a value moves it by at most 2^-9 of its magnitude, less than half
-a step for any value within 256 steps of 0: every Q8_0 value (|q| <= 127), and Q4_K values unless a
-sub-block's min lies hundreds of its own steps below zero (a tight cluster of same-signed weights),
-the one case where they do not survive: that weight keeps round-to-nearest (logged, its record
-says ``rounding: rtn``), the others are rounded as usual. The bytes are valid GGUF blocks: the headers are the reference encoder's,
-only the codes differ. A linear already rounded (``rounding`` set) is declined.
-
-Memory: one Hessian per distinct input (q/k/v share one), ``in_features^2`` float32 each
-(12288^2 = 600 MB for Ideogram 4's w2). Inputs are processed in chunks whose Hessians fit
-``hessian_bytes``; each chunk costs one forward pass per calibration input, and its Hessians are
-freed before the next chunk. A weight whose own Hessian exceeds ``hessian_bytes`` is not rounded
-by GPTQ: it keeps the lowering's round-to-nearest, its record says ``rounding: rtn`` and the pass
-logs it (Ideogram 4's ``llm_cond_proj``, 53248 inputs: an 11.3 GB Hessian, about 45 GB while
-rounded, would not fit the 24 GB machine a branch otherwise compiles on).
+Memory (docs/memory.md): the Hessians, float32 ``in_features^2`` per distinct input (q/k/v share
+one), are held at most ``hessian_bytes`` at a time, counting the one extra copy the inversion
+makes (default: a tenth of the module's float bytes, at least 64 MiB). Inputs are processed in
+chunks whose Hessians fit; each chunk costs one forward pass per calibration input, and each
+Hessian is freed once the weights reading it are rounded. A weight whose own Hessian does not fit
+is rounded in column groups that do, each against its own diagonal block of ``H`` (the error is
+spread within the group, not across groups: between whole GPTQ and round-to-nearest); its record
+says how many groups (``rounding.groups``). Rounding works on a slice of the weight's rows at a
+time (rows are independent given the inverse Hessian), and the weight's codes take one byte per
+weight, so nothing holds a second float copy of the model.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.fx as fx
 
-from .. import codecs, graph, meta
+from .. import codecs, graph, memory, meta
 from ..errors import CalibrationError, PassError
 from ..ops.w8a8 import INT8_MAX, quantize_weight_per_channel
 from ..schemes import Scheme
 from .base import FxquantPass, PassResult, require_records
 
 log = logging.getLogger("fxquant")
+
+MIN_BUDGET = 64 << 20  # the least ``hessian_bytes`` the default takes, whatever the model's size
+ROW_SLICE = 1 << 23  # float32 elements of a weight's rows rounded at once (32 MiB)
+RoundCol = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def act_order(h: torch.Tensor) -> torch.Tensor:
@@ -66,28 +66,34 @@ def act_order(h: torch.Tensor) -> torch.Tensor:
     return torch.argsort(torch.where(d > 0, d, 1.0), descending=True, stable=True)
 
 
-def _gptq(w: torch.Tensor, h: torch.Tensor, perm: torch.Tensor, damp: float, block: int,
-          round_col: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """GPTQ's loop over ``w`` [out, in] in the column order ``perm``; ``round_col(column, i)`` rounds
-    the i-th column *of that order* and returns (codes, their values). Returns codes in that order."""
-    # Memory: at most two in^2 float32 matrices at a time besides the caller's (604 MB each for a
-    # 12288-wide input): each step frees the one before it.
-    h = h.detach().float().clone()
+def prepare(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act order ``perm``, upper Cholesky factor of the damped inverse Hessian in that order).
+
+    ``h`` (float32) is written in place: pass the only reference to hold one extra ``in^2``
+    matrix at a time (each step frees the one before it)."""
+    perm = act_order(h)
+    h = h.detach().float()
     dead = torch.diagonal(h) <= 0
     h[dead, dead] = 1.0
-    wp, hp = w[:, perm].clone(), h.index_select(0, perm)
+    hp = h.index_select(0, perm)
     del h
     hp = hp.index_select(1, perm)
     torch.diagonal(hp).add_(damp * torch.diagonal(hp).mean())
     hinv = torch.linalg.cholesky(hp)
     del hp
     hinv = torch.cholesky_inverse(hinv)
-    hinv = torch.linalg.cholesky(hinv, upper=True)
+    return perm, torch.linalg.cholesky(hinv, upper=True)
+
+
+def gptq_rows(wp: torch.Tensor, hinv: torch.Tensor, round_col: RoundCol, block: int = 128) -> torch.Tensor:
+    """GPTQ's loop over ``wp`` [rows, n] (float32, columns already in the rounding order; written
+    in place) against ``hinv`` (`prepare`); ``round_col(column, i)`` rounds the i-th column of that
+    order and returns (codes, their values). Returns float32 codes in that order."""
     codes = torch.zeros_like(wp)
     n = wp.shape[1]
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        w1, err = wp[:, i1:i2].clone(), torch.zeros(wp.shape[0], i2 - i1, device=w.device)
+        w1, err = wp[:, i1:i2].clone(), torch.zeros(wp.shape[0], i2 - i1, device=wp.device)
         h1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w1[:, i]
@@ -100,25 +106,42 @@ def _gptq(w: torch.Tensor, h: torch.Tensor, perm: torch.Tensor, damp: float, blo
     return codes
 
 
-def gptq_codes(w: torch.Tensor, h: torch.Tensor, damp: float = 0.01, block: int = 128) -> torch.Tensor:
-    """int8 codes of ``w`` [out, in] on the RTN per-row scale, GPTQ-rounded against Hessian ``h`` [in, in].
-
-    The code at each row's max-|w| position is its RTN code (pins the scale, see module doc).
-    """
-    w = w.detach().float()
-    q_rtn, scale = quantize_weight_per_channel(w)
-    perm = act_order(h)
+def _int8_round_col(wf: torch.Tensor, scale: torch.Tensor, perm: torch.Tensor, cols: tuple[int, int]) -> RoundCol:
+    """Round-to-nearest on the per-row ``scale``, except each row's max-|w| element (if it lies in
+    ``cols``), which keeps its RTN code (+-127): the codes' largest magnitude matches the scale."""
+    a, b = cols
     inv = torch.argsort(perm)
-    pin_col = inv[w.abs().argmax(1)]  # each row's max-|w| column, in act order
-    pin_code = q_rtn.gather(1, w.abs().argmax(1, keepdim=True)).squeeze(1).float()
+    amax_col = wf.abs().argmax(1)
+    inside = (amax_col >= a) & (amax_col < b)
+    pin_col = torch.where(inside, inv[(amax_col - a).clamp(0, b - a - 1)], -1)
+    pin_code = torch.round(wf.gather(1, amax_col[:, None]).squeeze(1) / scale).clamp(-INT8_MAX, INT8_MAX)
 
     def round_col(col: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         q = torch.round(col / scale).clamp(-INT8_MAX, INT8_MAX)
         pinned = pin_col == i
         q[pinned] = pin_code[pinned]
         return q, q * scale
+    return round_col
 
-    return _gptq(w, h, perm, damp, block, round_col)[:, inv].to(torch.int8)
+
+def _grid_round_col(step: torch.Tensor, offset: torch.Tensor, codes: tuple[int, int]) -> RoundCol:
+    """Nearest code on a fixed grid (columns of ``step`` / ``offset`` in the rounding order)."""
+    lo, hi = codes
+
+    def round_col(col: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s, o = step[:, i], offset[:, i]
+        q = torch.where(s != 0, torch.round((col + o) / torch.where(s != 0, s, 1.0)), 0.0).clamp(lo, hi)
+        return q, s * q - o
+    return round_col
+
+
+def gptq_codes(w: torch.Tensor, h: torch.Tensor, damp: float = 0.01, block: int = 128) -> torch.Tensor:
+    """int8 codes of ``w`` [out, in] on the RTN per-row scale, GPTQ-rounded against Hessian ``h`` [in, in]."""
+    wf = w.detach().float()
+    _, scale = quantize_weight_per_channel(wf)
+    perm, hinv = prepare(h.detach().float().clone(), damp)
+    round_col = _int8_round_col(wf, scale, perm, (0, wf.shape[1]))
+    return gptq_rows(wf[:, perm], hinv, round_col, block)[:, torch.argsort(perm)].to(torch.int8)
 
 
 def gptq_grid_codes(w: torch.Tensor, h: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, codes: tuple[int, int],
@@ -133,113 +156,94 @@ def gptq_grid_codes(w: torch.Tensor, h: torch.Tensor, step: torch.Tensor, offset
         step, offset = map(torch.from_numpy, codecs.grid_values(g, "q4_k", w.shape[1]))
         q = gptq_grid_codes(w, x.T @ x, step, offset, codecs.code_range("q4_k"))
     """
-    w = w.detach().float()
-    perm = act_order(h)
-    sp, op = step[:, perm].float(), offset[:, perm].float()
-    lo, hi = codes
-
-    def round_col(col: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s, o = sp[:, i], op[:, i]
-        q = torch.where(s != 0, torch.round((col + o) / torch.where(s != 0, s, 1.0)), 0.0).clamp(lo, hi)
-        return q, s * q - o
-
-    return _gptq(w, h, perm, damp, block, round_col)[:, torch.argsort(perm)]
-
-
-def pinned_weight(w: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """``codes * s`` in ``w``'s dtype, with code +-127 stored as the row's max |w| (see module doc)."""
     wf = w.detach().float()
-    _, scale = quantize_weight_per_channel(wf)
-    amax = w.detach().abs().amax(1, keepdim=True).float()
-    c = codes.float()
-    return torch.where(c.abs() == INT8_MAX, torch.sign(c) * amax, c * scale[:, None]).to(w.dtype)
+    perm, hinv = prepare(h.detach().float().clone(), damp)
+    round_col = _grid_round_col(step[:, perm].float(), offset[:, perm].float(), codes)
+    return gptq_rows(wf[:, perm], hinv, round_col, block)[:, torch.argsort(perm)]
 
 
-class _NotRepresentable(PassError):
-    """GPTQ's values for one weight do not survive storage in its dtype (module doc): that weight
-    keeps round-to-nearest."""
+def column_groups(n: int, budget: int) -> list[tuple[int, int]]:
+    """Column ranges of an ``n``-input weight whose float32 Hessian blocks fit ``budget`` twice
+    (the block and the one extra copy `prepare` makes): ``[(0, n)]`` when the whole Hessian does."""
+    widest = max(1, math.isqrt(budget // 8))
+    k = -(-n // widest)
+    return [(i * n // k, (i + 1) * n // k) for i in range(k)]
 
 
-def _keep_rtn(nodes: list[fx.Node]) -> None:
-    for n in nodes:
-        meta.update(n, rounding=meta.Rounding("rtn", 0.0))
+Unit = tuple[tuple[fx.Node, ...], int, int]  # (the inputs whose X^T X add up, first column, end column)
+
+
+@dataclass
+class _Weight:
+    """One weight being rounded: its readers, scheme, Hessian units, and the codes so far."""
+
+    target: str
+    nodes: list[fx.Node]
+    scheme: Scheme
+    units: list[Unit]
+    left: int = 0
+    codes: Optional[torch.Tensor] = None
+    extra: Optional[torch.Tensor] = field(default=None, repr=False)  # W8A8: the row scales; GGUF: the grid
 
 
 class RoundGPTQ(FxquantPass):
-    """Replace the float weight of every linear selected W8A8, Q4_K or Q8_0 by its GPTQ weight (module doc).
+    """Replace the float weight of every linear selected W8A8, Q4_K or Q8_0 by its GPTQ codes (module doc).
 
     Args:
         calibration: the example inputs (as given to ``compile``).
         damp: Hessian damping, a fraction of the mean diagonal (> 0).
-        hessian_bytes: memory for the Hessians held at once (float32 ``in^2`` per distinct input); a
-            weight whose own Hessian is larger keeps round-to-nearest (``rounding: rtn``).
+        hessian_bytes: memory for the Hessians held at once, the inversion's extra copy included;
+            0 (default): a tenth of the module's float parameter and buffer bytes, at least 64 MiB.
+            A weight whose own Hessian does not fit is rounded in column groups that do.
 
     Raises:
-        PassError: no ``selection`` (run select_schemes first), the new weight does not give back
-            the GPTQ codes, or one weight is read by linears of different schemes. Linears already
+        PassError: no ``selection`` (run select_schemes first), GGUF codes that do not decode to
+            GPTQ's values, or one weight read by linears of different schemes. Linears already
             lowered or rounded are declined (a second run changes nothing).
         CalibrationError: no calibration inputs.
     """
 
     name = "round_gptq"
 
-    def __init__(self, calibration: Optional[Sequence[Any]], damp: float = 0.01, hessian_bytes: int = 2 << 30) -> None:
+    def __init__(self, calibration: Optional[Sequence[Any]], damp: float = 0.01, hessian_bytes: int = 0) -> None:
         if not calibration:
             raise CalibrationError(f"{self.name}: needs at least one calibration input, got {calibration!r}")
         if not damp > 0:
             raise PassError(f"{self.name}: damp must be > 0, got {damp!r}")
-        self.calibration, self.damp, self.hessian_bytes = calibration, float(damp), int(hessian_bytes)
-        self.forwards, self.seconds = 0, 0.0
+        if isinstance(hessian_bytes, bool) or not isinstance(hessian_bytes, int) or hessian_bytes < 0:
+            raise PassError(f"{self.name}: hessian_bytes must be an integer >= 0 (0: automatic), got {hessian_bytes!r}")
+        self.calibration, self.damp, self.hessian_bytes = calibration, float(damp), hessian_bytes
+        self.forwards, self.seconds, self.budget = 0, 0.0, 0
 
     def requires(self, gm: fx.GraphModule) -> None:
         require_records(gm, self.name, "selection", before="select_schemes")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         t0 = time.perf_counter()
-        users: dict[str, list[fx.Node]] = {}  # weight target -> the quantized linear nodes reading it
-        for node, rec in meta.records(gm):
-            if graph.is_linear(node) and self._owns(rec):  # lowered nodes are declined
-                users.setdefault(str(graph.param_root(node.args[1]).target), []).append(node)
-        modified = self._too_wide(users)
-        if not users:
-            return PassResult(gm, modified)
+        self.budget = self.hessian_bytes or max(MIN_BUDGET, _float_bytes(gm) // 10)
+        weights = self._weights(gm)
+        if not weights:
+            return PassResult(gm, False)
         self.forwards = 0
-        for chunk in self._chunks(users):
-            hess = self._hessians(gm, {x for t in chunk for n in users[t] for x in [n.args[0]]})
-            for target in chunk:
-                nodes = users[target]
-                schemes = {meta.get(n).selection.scheme for n in nodes}
-                if len(schemes) > 1:
-                    raise PassError(f"{self.name}: {target}: one weight, read by linears selected "
-                                    f"{sorted(s.value for s in schemes)}; GPTQ rounds a weight for one scheme")
-                w = graph.weight(gm, nodes[0])  # with fold_smoothing's column scaling
-                h = (hess[nodes[0].args[0]] if len(nodes) == 1 else sum(hess[n.args[0]] for n in nodes)).to(w.device)
-                scheme = schemes.pop()
-                try:
-                    new, rounding = (self._int8(target, w, h), None) if scheme is Scheme.W8A8 else \
-                        self._on_grid(target, w, h, scheme.value)
-                except _NotRepresentable as e:
-                    _keep_rtn(nodes)
-                    log.warning("%s: %s keeps round-to-nearest: %s", self.name, target, e)
-                    modified = True
-                    continue
-                if not torch.equal(new, w):  # W8A8: a second run finds the codes already there
-                    for n in nodes:
-                        graph.set_weight(gm, n, new)
-                    modified = True
-                if rounding is not None:
-                    for n in nodes:
-                        meta.update(n, rounding=rounding)
-                    modified = True
-            del hess
+        for chunk in self._chunks(weights):
+            hess = self._hessians(gm, chunk)
+            for unit in chunk:
+                perm, hinv = prepare(hess.pop(unit), self.damp)
+                for w in weights:
+                    if unit in w.units:
+                        self._round(gm, w, unit, perm, hinv)
+                del hinv
+                memory.trim()
+        graph.finalize(gm)
         self.seconds = time.perf_counter() - t0
-        log.info("%s: %d weights, %d forward passes in %.1f s", self.name, len(users), self.forwards, self.seconds)
-        return PassResult(gm, modified)
+        log.info("%s: %d weights, %d forward passes in %.1f s (Hessians within %.1f MB)", self.name, len(weights),
+                 self.forwards, self.seconds, self.budget / 1e6)
+        return PassResult(gm, True)
 
     @staticmethod
     def _owns(rec: meta.LinearRecord) -> bool:
         """W8A8 linears; GGUF ones whose width fits the block (lower_gguf refuses the others); none
-        with a rounding record (already rounded, or left to round-to-nearest)."""
+        already rounded."""
         scheme = rec.selection.scheme
         if rec.rounding is not None:
             return False
@@ -247,72 +251,153 @@ class RoundGPTQ(FxquantPass):
             return True
         return scheme.value in codecs.BLOCKS and rec.in_features % codecs.BLOCKS[scheme.value][0] == 0
 
-    def _too_wide(self, users: dict[str, list[fx.Node]]) -> bool:
-        """Leave the weights whose own Hessian exceeds ``hessian_bytes`` to round-to-nearest
-        (removed from ``users``, recorded as ``rounding: rtn``); True if there were any."""
-        def need(nodes: list[fx.Node]) -> int:  # one Hessian per distinct input of the weight's readers
-            return sum(4 * meta.get(n).in_features ** 2 for n in {n.args[0]: n for n in nodes}.values())
-
-        sizes = {t: need(nodes) for t, nodes in users.items()}
-        wide = {t: nbytes for t, nbytes in sizes.items() if nbytes > self.hessian_bytes}
-        for target, nbytes in wide.items():
-            _keep_rtn(users.pop(target))
-            log.warning("%s: %s keeps round-to-nearest: its Hessian (%.2f GB float32) is over hessian_bytes=%d "
-                        "(recipe.gptq_hessian_bytes)", self.name, target, nbytes / 1e9, self.hessian_bytes)
-        return bool(wide)
-
-    def _int8(self, target: str, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        codes = gptq_codes(w, h, self.damp)
-        new = pinned_weight(w, codes)
-        got, _ = quantize_weight_per_channel(new)
-        if not torch.equal(got, codes):
-            raise PassError(f"{self.name}: {target}: the pinned weight does not give back the GPTQ codes")
-        return new
-
-    def _on_grid(self, target: str, w: torch.Tensor, h: torch.Tensor, qtype: str) -> tuple[torch.Tensor, meta.Rounding]:
-        """GPTQ's values on the grid the reference encoder computes from ``w`` (module doc)."""
-        g = codecs.grid(codecs.quantize(w.detach().float().cpu(), qtype), qtype)
-        step, offset = (torch.from_numpy(a).to(w.device) for a in codecs.grid_values(g, qtype, w.shape[1]))
-        codes = gptq_grid_codes(w, h, step, offset, codecs.code_range(qtype), self.damp)
-        values = step * codes - offset  # float32, rounded once: what the decoder computes
-        new = values.to(w.dtype)
-        got = codecs.dequantize(codecs.quantize_on_grid(new.float().cpu(), g, qtype), qtype).to(w.device)
-        if not torch.equal(got, values):
-            bad = int((got != values).sum())
-            raise _NotRepresentable(f"{self.name}: {target}: {bad} of the {qtype} GPTQ values stored as {w.dtype} do not "
-                            f"encode back to their codes on the fixed grid")
-        return new, meta.Rounding("gptq", self.damp, torch.from_numpy(g))
-
-    def _chunks(self, users: dict[str, list[fx.Node]]) -> list[list[str]]:
-        """Weight targets grouped so that the Hessians of their distinct inputs fit ``hessian_bytes``
-        (a weight whose own inputs exceed it gets a chunk alone)."""
-        width = {n.args[0]: meta.get(n).in_features for nodes in users.values() for n in nodes}
-        chunks: list[list[str]] = [[]]
-        held: set[fx.Node] = set()
+    def _weights(self, gm: fx.GraphModule) -> list[_Weight]:
+        """The weights to round, in graph order, each with its Hessian units (column groups, module doc)."""
+        users: dict[str, list[fx.Node]] = {}
+        for node, rec in meta.records(gm):
+            if graph.is_linear(node) and self._owns(rec) and not graph.is_dequantize(graph.param_root(node.args[1])):
+                users.setdefault(str(graph.param_root(node.args[1]).target), []).append(node)
+        out = []
         for target, nodes in users.items():
-            xs = {n.args[0] for n in nodes}
-            if chunks[-1] and sum(4 * width[x] ** 2 for x in held | xs) > self.hessian_bytes:
+            schemes = {meta.get(n).selection.scheme for n in nodes}
+            if len(schemes) > 1:
+                raise PassError(f"{self.name}: {target}: one weight, read by linears selected "
+                                f"{sorted(s.value for s in schemes)}; GPTQ rounds a weight for one scheme")
+            n_in = meta.get(nodes[0]).in_features
+            groups = column_groups(n_in, self.budget)
+            inputs = tuple(dict.fromkeys(n.args[0] for n in nodes))
+            out.append(_Weight(target, nodes, schemes.pop(), [(inputs, a, b) for a, b in groups], len(groups)))
+            if len(groups) > 1:
+                log.info("%s: %s: its Hessian (%.1f MB float32) does not fit hessian_bytes=%d twice; GPTQ in %d column "
+                         "groups (recipe.gptq_hessian_bytes)", self.name, target, 4 * n_in ** 2 / 1e6, self.budget,
+                         len(groups))
+        return out
+
+    def _chunks(self, weights: list[_Weight]) -> list[list[Unit]]:
+        """The Hessian units in order, grouped so that each group's Hessians plus the largest one's
+        extra copy fit the budget (a unit alone always does: `column_groups`)."""
+        units = list(dict.fromkeys(u for w in weights for u in w.units))
+        chunks: list[list[Unit]] = [[]]
+        for u in units:
+            sizes = [_unit_bytes(v) for v in chunks[-1] + [u]]
+            if chunks[-1] and sum(sizes) + max(sizes) > self.budget:
                 chunks.append([])
-                held = set()
-            chunks[-1].append(target)
-            held |= xs
+            chunks[-1].append(u)
         return chunks
 
-    def _hessians(self, gm: fx.GraphModule, inputs: set[fx.Node]) -> dict[fx.Node, torch.Tensor]:
-        """X^T X of each input node over every calibration input (one forward each)."""
-        hess: dict[fx.Node, torch.Tensor] = {}
+    def _hessians(self, gm: fx.GraphModule, chunk: list[Unit]) -> dict[Unit, torch.Tensor]:
+        """X^T X of each unit over every calibration input (one forward each; the input's rows are
+        taken a slice at a time, so no float32 copy of a whole activation)."""
+        hess: dict[Unit, torch.Tensor] = {}
+        wanted: dict[fx.Node, list[Unit]] = {}
+        for u in chunk:
+            for x in u[0]:
+                wanted.setdefault(x, []).append(u)
 
         def add(x_node: fx.Node, x: torch.Tensor) -> None:
-            x2d = x.detach().reshape(-1, x.shape[-1]).float()
-            if x_node in hess:
-                hess[x_node].addmm_(x2d.T, x2d)  # in place: no second in^2 matrix per call
-            else:
-                hess[x_node] = x2d.T @ x2d
+            x2d = x.detach().reshape(-1, x.shape[-1])
+            step = max(1, ROW_SLICE // x2d.shape[1])
+            for r in range(0, x2d.shape[0], step):
+                xs = x2d[r:r + step].float()
+                for u in wanted[x_node]:
+                    part = xs[:, u[1]:u[2]]
+                    if u in hess:
+                        hess[u].addmm_(part.T, part)  # in place: no second matrix per call
+                    else:
+                        hess[u] = part.T @ part
 
-        watch = graph.Watch(gm, inputs, add)
+        watch = graph.Watch(gm, set(wanted), add)
         for i, ex in enumerate(self.calibration):
             with torch.no_grad():
                 watch.run(*graph.graph_inputs(gm, ex, f"calibration[{i}]", self.name))
             self.forwards += 1
         return hess
 
+    def _round(self, gm: fx.GraphModule, w: _Weight, unit: Unit, perm: torch.Tensor, hinv: torch.Tensor) -> None:
+        """GPTQ codes of one column group of ``w``, a slice of rows at a time; the weight is
+        rewritten once its last group is done."""
+        node, (_, a, b) = w.nodes[0], unit
+        inv = torch.argsort(perm)
+        if w.scheme is Scheme.W8A8:
+            def fn(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                wf = rows.float()
+                _, scale = quantize_weight_per_channel(wf)
+                q = gptq_rows(wf[:, a:b][:, perm], hinv, _int8_round_col(wf, scale, perm, (a, b)))
+                return q[:, inv].to(torch.int8), scale
+        else:
+            qtype = w.scheme.value
+            if w.extra is None:  # the reference encoder's block headers, from the weight before rounding
+                w.extra = graph.weight_rows(gm, node, lambda rows: (
+                    torch.from_numpy(codecs.grid(codecs.quantize(rows.detach().float().cpu().numpy(), qtype), qtype)),))[0]
+            done = 0
+
+            def fn(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                nonlocal done
+                g = w.extra[done:done + rows.shape[0]].numpy()
+                done += rows.shape[0]
+                step, offset = (torch.from_numpy(v[:, a:b]).to(rows.device) for v in codecs.grid_values(g, qtype, rows.shape[1]))
+                round_col = _grid_round_col(step[:, perm], offset[:, perm], codecs.code_range(qtype))
+                return (gptq_rows(rows.float()[:, a:b][:, perm], hinv, round_col)[:, inv].to(torch.int8),)
+        parts = graph.weight_rows(gm, node, fn, slice_elems=ROW_SLICE)
+        if w.codes is None:
+            w.codes = torch.empty(graph.root_weight(gm, node).shape, dtype=torch.int8, device=parts[0].device)
+        w.codes[:, a:b] = parts[0]
+        if w.scheme is Scheme.W8A8:
+            w.extra = parts[1]
+        w.left -= 1
+        if not w.left:
+            self._rewrite(gm, w)
+
+    def _rewrite(self, gm: fx.GraphModule, w: _Weight) -> None:
+        """Make every reader of ``w`` read its codes through ``fxquant::dequantize_*``; the float
+        weight (and its fold chain) leaves the module."""
+        node = w.nodes[0]
+        dtype, prefix = graph.root_weight(gm, node).dtype, w.target.removesuffix(".weight")
+        if w.scheme is Scheme.W8A8:
+            buffers = {f"{prefix}.weight_int8": w.codes, f"{prefix}.weight_scale": w.extra}
+            op, extra = graph.DEQUANTIZE_INT8, (dtype,)
+        else:
+            qtype = w.scheme.value
+            buffers = {f"{prefix}.qweight": self._gguf_bytes(w, qtype)}
+            op, extra = graph.DEQUANTIZE_GGUF, (qtype, w.codes.shape[1], dtype)
+        for name, t in buffers.items():
+            graph.set_buffer(gm, name, t)
+        for n in w.nodes:
+            old = n.args[1]
+            with gm.graph.inserting_before(n):
+                dq = gm.graph.call_function(op, (*(graph.get_attr_node(gm, name, n) for name in buffers), *extra))
+            n.update_arg(1, dq)
+            graph.release_unused(gm, [old])
+            meta.update(n, rounding=meta.Rounding("gptq", self.damp, len(w.units)))
+        w.codes = w.extra = None
+
+    def _gguf_bytes(self, w: _Weight, qtype: str) -> torch.Tensor:
+        """GPTQ's codes on the grid, encoded (`codecs.quantize_on_grid`), a slice of rows at a time;
+        checked to decode to the values ``step * q - offset`` bit for bit."""
+        out, cols = w.codes.shape
+        parts = []
+        step_rows = max(1, ROW_SLICE // cols)
+        for i in range(0, out, step_rows):
+            g = w.extra[i:i + step_rows].numpy()
+            step, offset = codecs.grid_values(g, qtype, cols)
+            values = step * w.codes[i:i + step_rows].cpu().numpy().astype(np.float32) - offset  # float32, rounded once
+            data = codecs.quantize_on_grid(values, g, qtype)
+            got = codecs.dequantize(data, qtype).numpy()
+            if not np.array_equal(got, values):
+                raise PassError(f"{self.name}: {w.target}: {int((got != values).sum())} of the {qtype} GPTQ values do not "
+                                "encode back to their codes on the fixed grid")
+            parts.append(torch.from_numpy(data))
+        return torch.cat(parts).to(w.codes.device)
+
+
+def _unit_bytes(u: Unit) -> int:
+    return 4 * (u[2] - u[1]) ** 2
+
+
+def _float_bytes(gm: fx.GraphModule) -> int:
+    """The float parameter and buffer bytes of ``gm`` (each tensor once)."""
+    seen: dict[int, int] = {}
+    for t in [*gm.parameters(), *gm.buffers()]:
+        if t.is_floating_point():
+            seen[id(t)] = t.numel() * t.element_size()
+    return sum(seen.values())

@@ -1,23 +1,25 @@
-"""round_gptq: the pinned weight gives back the GPTQ codes and the RTN scale bit for bit under the
-lowering's own quantizer (float32, float16, bfloat16); GPTQ beats round-to-nearest on the
-calibration objective; the pass on a tiny graph, what it must not touch, and its preconditions.
+"""round_gptq: GPTQ's int8 codes keep the RTN per-row scale and beat round-to-nearest on the
+calibration objective; the pass on a tiny graph (the weight becomes its codes, read through
+``fxquant::dequantize_int8`` until the lowering takes them as they are), column groups when a
+Hessian does not fit the budget, what the pass must not touch, and its preconditions.
 
-    linear(x, get_attr[fc1.weight])  ->  linear(x, get_attr[fc1.weight])   W -> W' = q * s (pinned)
+    linear(x, get_attr[fc1.weight])  ->  linear(x, dequantize_int8(get_attr[fc1.weight_int8], get_attr[fc1.weight_scale], f32))
 """
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from fxquant import meta
+from fxquant import graph, meta
 from fxquant.errors import CalibrationError, PassError
-from fxquant.graph import LINEAR
+from fxquant.graph import DEQUANTIZE_INT8, LINEAR
 from fxquant.ops.w8a8 import quantize_weight_per_channel
-from fxquant.passes.lower_w8a8 import LowerW8A8
-from fxquant.passes.round_gptq import RoundGPTQ, gptq_codes, pinned_weight
+from fxquant.passes.lower_w8a8 import LINEAR_W8A8, LowerW8A8
+from fxquant.passes.round_gptq import MIN_BUDGET, RoundGPTQ, column_groups, gptq_codes
 from fxquant.passes.select_schemes import SelectOptions, SelectSchemes
 from fxquant.recipe import LayerRule
 
-from .util import count, traced
+from .util import TwoLinears, count, traced
 
 
 def correlated(n=512, d=48, seed=0):
@@ -28,17 +30,16 @@ def correlated(n=512, d=48, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_pinned_weight_gives_back_codes_and_scale_bit_for_bit(dtype):
+def test_codes_keep_the_rtn_scale(dtype):
     g = torch.Generator().manual_seed(3)
     w = (torch.randn(96, 48, generator=g) * torch.logspace(-3, 1, 96)[:, None]).to(dtype)
     w[5] = 0  # an all-zero row
     x = correlated()
     codes = gptq_codes(w, x.T @ x)
-    new = pinned_weight(w, codes)
-    assert new.dtype == dtype
-    q, s = quantize_weight_per_channel(new)
-    q0, s0 = quantize_weight_per_channel(w)
-    assert torch.equal(q, codes) and torch.equal(s, s0)  # same scale, GPTQ's codes
+    q0, _ = quantize_weight_per_channel(w)
+    col = w.float().abs().argmax(1)
+    assert torch.equal(codes.gather(1, col[:, None]), q0.gather(1, col[:, None]))  # each row's max keeps +-127
+    assert int(codes.abs().amax(1)[torch.arange(96) != 5].min()) == 127 and not codes[5].any()
     assert not torch.equal(codes, q0)  # GPTQ changed some roundings
     assert (codes.float() - q0.float()).abs().max() <= 8
 
@@ -64,48 +65,67 @@ def test_block_size_does_not_change_the_codes():
     assert (a != b).float().mean() < 0.01  # same algorithm; float reassociation may flip a tie
 
 
-def calib(n=3):
+def calib(n=3, d=32):
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn(2, 5, 32, generator=g),) for _ in range(n)]
+    return [(torch.randn(2, 5, d, generator=g),) for _ in range(n)]
 
 
-def test_pass_rewrites_weights_only_and_the_lowering_uses_the_gptq_codes():
+def test_the_weight_becomes_its_codes_and_the_lowering_takes_them_as_they_are():
     m, gm = traced()
     cal = calib()
     SelectSchemes(SelectOptions(protect=(LayerRule("fc2"),)))(gm)
-    code = gm.code
-    p = RoundGPTQ(cal, hessian_bytes=4 * 32 ** 2)  # one weight per chunk
+    p = RoundGPTQ(cal)
     assert p(gm).modified is True
-    assert gm.code == code and count(gm, LINEAR) == 2  # same graph, new constants
-    assert p.forwards == len(cal)  # fc1 only: one chunk
-    assert torch.equal(gm.fc2.weight, m.fc2.weight)  # protected: not touched
-    assert not torch.equal(gm.fc1.weight, m.fc1.weight) and m.fc1.weight.dtype == torch.float32
+    assert p.forwards == len(cal) and p.budget == MIN_BUDGET  # a tiny model: the floor, one chunk
+    fc1 = next(n for n, r in meta.records(gm) if r.name == "fc1")
+    assert fc1.args[1].target is DEQUANTIZE_INT8 and count(gm, LINEAR) == 2
+    assert "fxquant.dequantize_int8" in gm.code
+    names = dict(gm.named_parameters())
+    assert "fc1.weight" not in names and torch.equal(names["fc2.weight"], m.fc2.weight)  # protected: not touched
+    assert m.fc1.weight.dtype == torch.float32 and m.fc1.weight.requires_grad  # the source module: as it was
     x = torch.cat([c[0].reshape(-1, 32) for c in cal])
     expected = gptq_codes(m.fc1.weight, x.T @ x)
+    q, s = gm.get_buffer("fc1.weight_int8"), gm.get_buffer("fc1.weight_scale")
+    assert torch.equal(q, expected) and torch.equal(s, quantize_weight_per_channel(m.fc1.weight)[1])
+    assert meta.get(fc1).rounding == meta.Rounding("gptq", 0.01, 1)
+    xin = cal[0][0]  # the graph runs between the passes, on the dequantized codes
+    ref = m.fc2(F.gelu(F.linear(xin, q.float() * s[:, None], m.fc1.bias)))
+    torch.testing.assert_close(gm(xin)[0] if isinstance(gm(xin), tuple) else gm(xin), ref, rtol=0, atol=1e-5)
     LowerW8A8()(gm)
-    assert torch.equal(gm.get_buffer("fc1.weight_int8"), expected)
-    assert torch.equal(gm.get_buffer("fc1.weight_scale"), quantize_weight_per_channel(m.fc1.weight)[1])
+    assert count(gm, LINEAR_W8A8) == 1 and count(gm, DEQUANTIZE_INT8) == 0
+    assert gm.get_buffer("fc1.weight_int8") is q and gm.get_buffer("fc1.weight_scale") is s  # taken, not re-quantized
 
 
-def test_a_weight_whose_hessian_is_over_budget_keeps_round_to_nearest(caplog):
-    m, gm = traced()
+def test_column_groups_cover_the_columns_and_fit_the_budget():
+    assert column_groups(4608, 8 * 4608 ** 2) == [(0, 4608)]
+    for n, budget in ((4608, 8 * 4608 ** 2 - 1), (53248, 164_000_000), (12288, 1 << 30), (7, 8)):
+        groups = column_groups(n, budget)
+        assert groups[0][0] == 0 and groups[-1][1] == n and all(a < b for a, b in groups)
+        assert all(groups[i][1] == groups[i + 1][0] for i in range(len(groups) - 1))
+        assert all(8 * (b - a) ** 2 <= max(budget, 8) for a, b in groups) and (len(groups) > 1) == (8 * n * n > budget)
+
+
+def test_a_weight_whose_hessian_does_not_fit_is_rounded_in_column_groups(caplog):
+    m, gm = traced(TwoLinears(d=32, h=64).eval())
     SelectSchemes(SelectOptions())(gm)
-    widths = {n: meta.get(n).in_features for n, _ in meta.records(gm)}
-    small = min(widths.values())
-    p = RoundGPTQ(calib(), hessian_bytes=4 * small ** 2)  # only the narrowest input's Hessian fits
-    with caplog.at_level("WARNING", logger="fxquant"):
+    p = RoundGPTQ(calib(), hessian_bytes=8 * 32 ** 2)  # fc1's 32-wide Hessian fits twice; fc2's 64 does not
+    with caplog.at_level("INFO", logger="fxquant"):
         assert p(gm).modified is True
-    for node, rec in meta.records(gm):
-        target = str(node.args[1].target)
-        if rec.in_features > small:
-            assert rec.rounding == meta.Rounding("rtn", 0.0) and target in caplog.text
-            assert torch.equal(gm.get_parameter(target), m.get_parameter(target))  # RTN: the weight as it was
-        else:
-            assert rec.rounding is None and not torch.equal(gm.get_parameter(target), m.get_parameter(target))
-    assert "recipe.gptq_hessian_bytes" in caplog.text
-    code, w = gm.code, {k: v.clone() for k, v in gm.state_dict().items()}
+    recs = {r.name: r for _, r in meta.records(gm)}
+    assert recs["fc1"].rounding.groups == 1 and recs["fc2"].rounding.groups == 2
+    assert "fc2.weight" in caplog.text and "2 column groups" in caplog.text
+    assert p.forwards == 3 * len(calib())  # three chunks: each 4 KiB block and its copy fill the 8 KiB budget
+    # each group's error is compensated within the group: better than round-to-nearest on the calibration objective
+    h = torch.cat([F.gelu(F.linear(c[0], gm.get_buffer("fc1.weight_int8").float() * gm.get_buffer("fc1.weight_scale")[:, None],
+                                   m.fc1.bias)).reshape(-1, 64) for c in calib()])
+    w = m.fc2.weight.detach()
+    q_rtn, s = quantize_weight_per_channel(w)
+    err = lambda q: float((h @ (q.float() * s[:, None] - w).T).pow(2).sum())  # noqa: E731
+    assert torch.equal(gm.get_buffer("fc2.weight_scale"), s)
+    assert err(gm.get_buffer("fc2.weight_int8")) < err(q_rtn)
+    code, state = gm.code, {k: v.clone() for k, v in gm.state_dict().items()}
     assert p(gm).modified is False and gm.code == code  # declined on a second run
-    assert all(torch.equal(gm.state_dict()[k], v) for k, v in w.items())
+    assert all(torch.equal(gm.state_dict()[k], v) for k, v in state.items())
 
 
 def test_preconditions():
@@ -114,12 +134,26 @@ def test_preconditions():
         RoundGPTQ([])
     with pytest.raises(PassError, match="damp"):
         RoundGPTQ(calib(), damp=0)
+    with pytest.raises(PassError, match="hessian_bytes"):
+        RoundGPTQ(calib(), hessian_bytes=-1)
     with pytest.raises(PassError, match="lack 'selection'"):
         RoundGPTQ(calib())(gm)
     SelectSchemes(SelectOptions())(gm)
     LowerW8A8()(gm)
     code = gm.code
     assert RoundGPTQ(calib())(gm).modified is False and gm.code == code  # lowered linears are declined
+
+
+def test_the_default_budget_is_a_tenth_of_the_float_bytes():
+    big = torch.nn.Sequential(torch.nn.Linear(4096, 4096, bias=False), torch.nn.Linear(4096, 1024, bias=False)).eval()
+    for p_ in big.parameters():
+        p_.requires_grad_(False)
+    _, gm = traced(big, shape=(1, 3, 4096))
+    SelectSchemes(SelectOptions())(gm)
+    g = torch.Generator().manual_seed(0)
+    p = RoundGPTQ([(torch.randn(1, 3, 4096, generator=g),)])
+    p(gm)
+    assert p.budget == max(MIN_BUDGET, (4096 * 4096 + 4096 * 1024) * 4 // 10)
 
 
 def test_second_run_changes_nothing_and_the_pipeline_places_it_before_the_lowering():
@@ -132,9 +166,10 @@ def test_second_run_changes_nothing_and_the_pipeline_places_it_before_the_loweri
     _, gm = traced()
     SelectSchemes(SelectOptions())(gm)
     assert RoundGPTQ(calib())(gm).modified is True
-    w = gm.fc1.weight.clone()
-    assert RoundGPTQ(calib())(gm).modified is False  # the pinned weights are their own GPTQ result
-    assert torch.equal(gm.fc1.weight, w)
+    q = gm.get_buffer("fc1.weight_int8").clone()
+    assert RoundGPTQ(calib())(gm).modified is False  # rounded linears are declined
+    assert torch.equal(gm.get_buffer("fc1.weight_int8"), q)
+    assert graph.is_dequantize(next(n for n, r in meta.records(gm) if r.name == "fc1").args[1])
     names = [type(p) for p in pipeline.build(Recipe.preset("int8-w8a8"), calib()).passes]
     assert names.index(FoldSmoothing) < names.index(RoundGPTQ) < names.index(Lower)
     assert ScoreSensitivity in names
