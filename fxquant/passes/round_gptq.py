@@ -56,7 +56,7 @@ from .base import FxquantPass, PassResult, require_records
 log = logging.getLogger("fxquant")
 
 MIN_BUDGET = 64 << 20  # the least ``hessian_bytes`` the default takes, whatever the model's size
-ROW_SLICE = 1 << 23  # float32 elements of a weight's rows rounded at once (32 MiB)
+ROW_SLICE = 1 << 22  # float32 elements of a weight's rows rounded at once (16 MiB), and of activation rows
 RoundCol = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
