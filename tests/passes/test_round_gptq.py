@@ -175,3 +175,21 @@ def test_second_run_changes_nothing_and_the_pipeline_places_it_before_the_loweri
     assert ScoreSensitivity in names
     paper = [type(p) for p in pipeline.build(Recipe.preset("int8-w8a8-paper"), calib()).passes]
     assert RoundGPTQ not in paper and ScoreSensitivity not in paper
+
+
+def test_the_hessians_held_at_once_and_the_inversion_copy_fit_the_budget():
+    held = []
+
+    class Counting(RoundGPTQ):
+        def _hessians(self, gm, chunk):
+            hess = super()._hessians(gm, chunk)
+            sizes = [h.numel() * h.element_size() for h in hess.values()]
+            held.append(sum(sizes) + max(sizes))
+            return hess
+
+    m, gm = traced(TwoLinears(d=32, h=64).eval())
+    SelectSchemes(SelectOptions())(gm)
+    budget = 3 * 4 * 32 ** 2  # 12 KiB: fc2's 16 KiB Hessian must be split in two 4 KiB blocks
+    p = Counting(calib(), hessian_bytes=budget)
+    p(gm)
+    assert held == [budget, 2 * 4 * 32 ** 2]  # fc1 and fc2's first 32-column block (and one copy); fc2's second
