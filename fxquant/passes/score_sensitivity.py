@@ -32,7 +32,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from .. import graph, meta
+from .. import graph, memory, meta
 from ..errors import CalibrationError, PassError
 from ..ops.w8a8 import quantize_weight_per_channel
 from .base import FxquantPass, PassResult, require_records
@@ -157,14 +157,15 @@ class ScoreSensitivity(FxquantPass):
         ref_sq = sum(float(r.double().pow(2).sum()) for out in refs for r in out)
         errors = []
         for node, rec in recs:
-            q, scale, smooth = self._quantized(gm, node, rec)
-            interp = _OneQuantized(gm, node, q, scale, smooth)
+            interp = _OneQuantized(gm, node, *self._quantized(gm, node, rec))
             err_sq = 0.0
             for flat, ref in zip(inputs, refs):
                 with torch.no_grad():
                     out = _leaves(interp.run(*flat))
                 err_sq += sum(float((o.double() - r.double()).pow(2).sum()) for o, r in zip(out, ref))
             errors.append(math.sqrt(err_sq / max(ref_sq, 1e-300)))
+            del interp, out  # this linear's int8 weight goes before the next one's is made
+            memory.trim()
         self.forwards = len(inputs) * (1 + len(recs))
         ranks = ranking([r.key for _, r in recs], errors)
         for (node, _), err, rank in zip(recs, errors, ranks):
@@ -209,6 +210,7 @@ class ScoreSensitivity(FxquantPass):
                 y = F.linear(x, graph.weight(gm, n), b).double()
                 err[n] += float((W8A8(x, q, scale, b, smooth).double() - y).pow(2).sum())
                 size[n] += float(y.pow(2).sum())
+                del q, y  # before the next reader's int8 weight is made
 
         watch = graph.Watch(gm, set(readers), observe)
         refs = []
