@@ -103,21 +103,50 @@ def weight_rows(gm: fx.GraphModule, node: fx.Node, fn: Callable[[torch.Tensor], 
     while arg.op == "call_function" and arg.target is SCALE_PARAM:
         chain.append(arg)
         arg = arg.args[0]
-    base = param_value(gm, arg) if is_dequantize(arg) else get_attr(gm, str(arg.target))  # rounded: one layer
+    rows_of, (n_rows, n_cols) = _root_rows(gm, arg)
     folds = [(param_value(gm, c.args[1]), *c.args[2:]) for c in reversed(chain)]
-    step = max(1, slice_elems // max(1, base[0].numel()))
+    ndim = 2 if is_dequantize(arg) else get_attr(gm, str(arg.target)).ndim
+    step = max(1, slice_elems // max(1, n_cols))
     outs: list[torch.Tensor] = []
-    for i in range(0, base.shape[0], step):
-        block = base[i:i + step]
+    for i in range(0, n_rows, step):
+        block = rows_of(slice(i, i + step))
         for s, dims, start, shift, divide in folds:
-            block = _fold.scale_rows(block, s, dims, start, shift, divide, i, base.ndim)
+            block = _fold.scale_rows(block, s, dims, start, shift, divide, i, ndim)
         parts = fn(block)
         if not outs:
-            outs = [torch.empty((base.shape[0], *p.shape[1:]), dtype=p.dtype, device=p.device) for p in parts]
+            outs = [torch.empty((n_rows, *p.shape[1:]), dtype=p.dtype, device=p.device) for p in parts]
         for o, p in zip(outs, parts):
             o[i:i + step] = p
     memory.trim()  # the slices' float32 temporaries: back to the OS, not kept by the allocator
     return tuple(outs)
+
+
+def _root_rows(gm: fx.GraphModule, arg: fx.Node) -> tuple[Callable[[slice], torch.Tensor], tuple[int, int]]:
+    """(rows of the tensor under a fold chain by slice, (rows, elements per row)): a parameter's
+    own rows (views), or a rounded weight's rows decoded per slice (``fxquant::dequantize_*``)."""
+    if not is_dequantize(arg):
+        base = get_attr(gm, str(arg.target))
+        return (lambda r: base[r]), (base.shape[0], base[0].numel() if base.ndim else 1)
+    vals = [get_attr(gm, str(a.target)) if isinstance(a, fx.Node) else a for a in arg.args]
+    if arg.target is DEQUANTIZE_INT8:
+        q, scale, dtype = vals
+        return (lambda r: _dequant.int8_rows(q[r], scale[r], dtype)), tuple(q.shape)
+    qweight, qtype, in_features, dtype = vals
+    return (lambda r: _dequant.gguf_rows(qweight[r], qtype, in_features, dtype)), (qweight.shape[0], in_features)
+
+
+def linear_by_rows(gm: fx.GraphModule, node: fx.Node, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear(x, weight(gm, node), bias)`` computed a slice of the effective weight's rows (output
+    features) at a time (`weight_rows`): no copy of a folded or rounded weight is made."""
+    x2d, done = x.reshape(-1, x.shape[-1]), 0
+
+    def rows_out(rows: torch.Tensor) -> tuple[torch.Tensor]:
+        nonlocal done
+        b = None if bias is None else bias[done:done + rows.shape[0]]
+        done += rows.shape[0]
+        return (torch.nn.functional.linear(x2d, rows, b).T,)
+
+    return weight_rows(gm, node, rows_out)[0].T.contiguous().reshape(*x.shape[:-1], -1)
 
 
 def set_weight(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> None:
@@ -276,14 +305,51 @@ def graph_inputs(gm: fx.GraphModule, item: Any, where: str, who: str) -> list[An
 
 class Watch(fx.Interpreter):
     """Runs the graph and hands each watched node's value to ``on_value(node, value)`` as soon as
-    it is computed (analysis passes observe activations this way; the graph is not changed)."""
+    it is computed (analysis passes observe activations this way; the graph is not changed).
 
-    def __init__(self, gm: fx.GraphModule, nodes: set[fx.Node], on_value: Callable[[fx.Node, Any], None]) -> None:
+    With ``by_rows``, a linear whose weight is computed in the graph (a ``fxquant::scale_param``
+    fold chain, a ``fxquant::dequantize_*``) multiplies by a slice of its rows at a time
+    (`linear_by_rows`), and the weight itself is never computed: after ``fold_smoothing`` a plain
+    run makes a full copy of every folded weight as its linear runs (0.5 GB for Ideogram 4's
+    ``llm_cond_proj`` in bfloat16), then frees it.
+    """
+
+    def __init__(self, gm: fx.GraphModule, nodes: set[fx.Node], on_value: Callable[[fx.Node, Any], None],
+                 by_rows: bool = False) -> None:
         super().__init__(gm)
         self.nodes, self.on_value = nodes, on_value
+        self.by_rows, self.skipped = _row_linears(gm) if by_rows else (set(), set())
 
     def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
+        if n in self.skipped:
+            return None  # a weight computed by slices in the linear reading it
+        if n in self.by_rows:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            out = linear_by_rows(self.module, n, args[0], args[2] if len(args) > 2 else kwargs.get("bias"))
+        else:
+            out = super().run_node(n)
         if n in self.nodes:
             self.on_value(n, out)
         return out
+
+
+def _row_linears(gm: fx.GraphModule) -> tuple[set[fx.Node], set[fx.Node]]:
+    """(linears whose weight is a fold chain or a rounded weight, the chain nodes nothing else reads)."""
+    linears, chain = set(), set()
+    for n in gm.graph.nodes:
+        if is_linear(n) and isinstance(n.args[1], fx.Node) and (n.args[1].target is SCALE_PARAM or is_dequantize(n.args[1])):
+            linears.add(n)
+            arg = n.args[1]
+            while arg.op == "call_function" and arg.target is SCALE_PARAM:
+                chain.add(arg)
+                arg = arg.args[0]
+            if is_dequantize(arg):
+                chain.add(arg)
+    changed = True
+    while changed:  # a chain node read by anything but a row linear's weight or another skipped node is computed
+        changed = False
+        for c in list(chain):
+            if any(not ((u in linears and u.args[1] is c) or u in chain) for u in c.users):
+                chain.discard(c)
+                changed = True
+    return linears, chain

@@ -67,6 +67,27 @@ def test_weight_rows_is_bit_identical_to_the_whole_effective_weight():
     assert torch.equal(graph.root_weight(gm, node), p)  # the parameter itself, untouched
 
 
+def test_watch_by_rows_never_computes_a_folded_weight_and_gives_the_same_outputs():
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        gm, node = _chained(dtype)
+        x = torch.randn(3, 5, 24).to(dtype)
+        seen = {}
+        whole = graph.Watch(gm, {node}, lambda n, v: seen.setdefault("whole", v)).run(x)
+        lean = graph.Watch(gm, {node}, lambda n, v: seen.setdefault("rows", v), by_rows=True)
+        chain = {n for n in gm.graph.nodes if n.op == "call_function" and n.target is SCALE}
+        assert lean.by_rows == {node} and lean.skipped == chain
+        env_seen = []
+        orig = fx.Interpreter.run_node
+        fx.Interpreter.run_node = lambda self, n: env_seen.append(n) or orig(self, n)
+        try:
+            out = lean.run(x)
+        finally:
+            fx.Interpreter.run_node = orig
+        assert not chain & set(env_seen) and node not in env_seen  # the chain is never computed, the linear by rows
+        torch.testing.assert_close(out, whole, rtol=tol, atol=tol)
+        assert seen["rows"] is out
+
+
 def test_replace_node_drops_the_weight_and_its_fold_chain():
     gm, node = _chained()
     q, s = graph.weight_rows(gm, node, quantize_weight_per_channel)

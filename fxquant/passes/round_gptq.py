@@ -46,11 +46,9 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from .. import codecs, graph, memory, meta
 from ..errors import CalibrationError, PassError
-from ..ops.dequant import SLICE_ELEMS, gguf_rows, int8_rows
 from ..ops.w8a8 import INT8_MAX, quantize_weight_per_channel
 from ..schemes import Scheme
 from .base import FxquantPass, PassResult, require_records
@@ -308,7 +306,7 @@ class RoundGPTQ(FxquantPass):
                     else:
                         hess[u] = part.T @ part
 
-        watch = _Forward(gm, set(wanted), add)
+        watch = graph.Watch(gm, set(wanted), add, by_rows=True)  # no copy of a folded or rounded weight
         for i, ex in enumerate(self.calibration):
             with torch.no_grad():
                 watch.run(*graph.graph_inputs(gm, ex, f"calibration[{i}]", self.name))
@@ -390,44 +388,6 @@ class RoundGPTQ(FxquantPass):
                                 "encode back to their codes on the fixed grid")
             parts.append(torch.from_numpy(data))
         return torch.cat(parts).to(w.codes.device)
-
-
-@dataclass
-class _Rounded:
-    """A rounded weight in `_Forward`: the ``fxquant::dequantize_*`` call, not yet computed."""
-
-    op: Any
-    args: tuple
-
-    def rows(self, r: slice) -> torch.Tensor:
-        if self.op is graph.DEQUANTIZE_INT8:
-            q, scale, dtype = self.args
-            return int8_rows(q[r], scale[r], dtype)
-        qweight, qtype, in_features, dtype = self.args
-        return gguf_rows(qweight[r], qtype, in_features, dtype)
-
-    def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """``F.linear(x, W, bias)``, a slice of W's rows (output features) at a time."""
-        out_features = self.args[0].shape[0]
-        y = x.new_empty(*x.shape[:-1], out_features)
-        step = max(1, SLICE_ELEMS // max(1, x.shape[-1]))
-        for i in range(0, out_features, step):
-            r = slice(i, i + step)
-            y[..., r] = F.linear(x, self.rows(r), None if bias is None else bias[r])
-        return y
-
-
-class _Forward(graph.Watch):
-    """`graph.Watch` that never materializes a rounded weight (a 53248-wide one would take 1 GB in
-    float32 at every forward of a later chunk): a linear reading ``fxquant::dequantize_*``
-    multiplies by a slice of its rows at a time."""
-
-    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        if target in graph.DEQUANTIZE:
-            return _Rounded(target, args)
-        if target is graph.LINEAR and isinstance(args[1], _Rounded):
-            return args[1].linear(args[0], args[2] if len(args) > 2 else kwargs.get("bias"))
-        return super().call_function(target, args, kwargs)
 
 
 def _unit_bytes(u: Unit) -> int:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -41,6 +41,7 @@ from .score_fragility import ranking
 
 log = logging.getLogger("fxquant")
 W8A8 = torch.ops.fxquant.linear_w8a8.default
+SLICE_ELEMS = 1 << 23  # weight elements quantized and multiplied at once (32 MiB in float32)
 
 
 def choose_within_budget(items: Sequence[tuple[str, float, int]], budget: int) -> list[str]:
@@ -90,19 +91,17 @@ def batched(flats: list[list[Any]]) -> list[list[Any]]:
 
 
 class _OneQuantized(fx.Interpreter):
-    """Runs the graph with one linear node replaced by the W8A8 op on given int8 weights."""
+    """Runs the graph with one linear node computed by ``linear(x, bias)`` (its W8A8 simulation)."""
 
-    def __init__(self, gm: fx.GraphModule, node: fx.Node, q: torch.Tensor, scale: torch.Tensor,
-                 smooth: Optional[torch.Tensor]) -> None:
+    def __init__(self, gm: fx.GraphModule, node: fx.Node, linear: Callable[[torch.Tensor, Any], torch.Tensor]) -> None:
         super().__init__(gm)
-        self.node, self.q, self.scale, self.smooth = node, q, scale, smooth
+        self.node, self.linear = node, linear
 
     def run_node(self, n: fx.Node) -> Any:
         if n is not self.node:
             return super().run_node(n)
         args, _ = self.fetch_args_kwargs_from_env(n)
-        bias = args[2] if len(args) > 2 else None
-        return W8A8(args[0], self.q, self.scale, bias, self.smooth)
+        return self.linear(args[0], args[2] if len(args) > 2 else None)
 
 
 def _col_absmax(w: torch.Tensor, slice_elems: int = 1 << 22) -> torch.Tensor:
@@ -157,14 +156,14 @@ class ScoreSensitivity(FxquantPass):
         ref_sq = sum(float(r.double().pow(2).sum()) for out in refs for r in out)
         errors = []
         for node, rec in recs:
-            interp = _OneQuantized(gm, node, *self._quantized(gm, node, rec))
+            interp = _OneQuantized(gm, node, self._w8a8(gm, node, rec))
             err_sq = 0.0
             for flat, ref in zip(inputs, refs):
                 with torch.no_grad():
                     out = _leaves(interp.run(*flat))
                 err_sq += sum(float((o.double() - r.double()).pow(2).sum()) for o, r in zip(out, ref))
             errors.append(math.sqrt(err_sq / max(ref_sq, 1e-300)))
-            del interp, out  # this linear's int8 weight goes before the next one's is made
+            del interp, out
             memory.trim()
         self.forwards = len(inputs) * (1 + len(recs))
         ranks = ranking([r.key for _, r in recs], errors)
@@ -175,23 +174,34 @@ class ScoreSensitivity(FxquantPass):
                  self.forwards, len(idx), len(inputs), self.seconds)
         return PassResult(gm, False)
 
-    def _quantized(self, gm: fx.GraphModule, node: fx.Node, rec: meta.LinearRecord):
-        """The int8 weight, its scale and the activation multiplier the lowering would use. Not cached:
-        at full size the int8 copies of every weight would be 9.3 GB; quantizing twice costs little."""
-        return self._quantize(gm, node, rec)
+    def _w8a8(self, gm: fx.GraphModule, node: fx.Node, rec: meta.LinearRecord) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+        """``(x, bias) -> fxquant::linear_w8a8`` of the linear as the lowering would make it (per-channel
+        int8 weights, with the linear's own SmoothQuant vector when ``alpha`` is set), computed a
+        slice of weight rows (output features) at a time: the int8 weight is never whole (245 MB for
+        Ideogram 4's ``llm_cond_proj``), and the outputs are the same bits (integer accumulation,
+        per-column epilogue)."""
+        smooth = s = None
+        if self.alpha is not None:
+            w = graph.weight(gm, node).detach()  # the parameter (no fold chain before fold_smoothing): no copy
+            act = rec.stats.channel_max_abs if rec.stats is not None else None
+            if act is None or tuple(act.shape) != (rec.in_features,):
+                raise PassError(f"{self.name}: linear {rec.name!r} has no per-channel activation max "
+                                "(stats.channel_max_abs); run collect_stats first")
+            s = smoothing_vector(act.float().to(w.device), _col_absmax(w), self.alpha, rec.name)
+            smooth = 1.0 / s
 
-    def _quantize(self, gm: fx.GraphModule, node: fx.Node, rec: meta.LinearRecord):
-        if self.alpha is None:
-            return (*graph.weight_rows(gm, node, quantize_weight_per_channel), None)
-        w = graph.weight(gm, node).detach()  # the parameter (no fold chain before fold_smoothing): no copy
-        act = rec.stats.channel_max_abs if rec.stats is not None else None
-        if act is None or tuple(act.shape) != (rec.in_features,):
-            raise PassError(f"{self.name}: linear {rec.name!r} has no per-channel activation max "
-                            "(stats.channel_max_abs); run collect_stats first")
-        s = smoothing_vector(act.float().to(w.device), _col_absmax(w), self.alpha, rec.name)
-        # a slice of rows at a time (rows are independent: the same bits as the whole weight)
-        q, scale = graph.weight_rows(gm, node, lambda rows: quantize_weight_per_channel(rows.float() * s[None, :]))
-        return q, scale, 1.0 / s
+        def linear(x: torch.Tensor, bias: Any) -> torch.Tensor:
+            done = 0
+
+            def rows_out(rows: torch.Tensor) -> tuple[torch.Tensor]:
+                nonlocal done
+                q, scale = quantize_weight_per_channel(rows.float() if s is None else rows.float() * s[None, :])
+                b = None if bias is None else bias[done:done + rows.shape[0]]
+                done += rows.shape[0]
+                return (W8A8(x, q, scale, b, smooth).movedim(-1, 0),)
+
+            return graph.weight_rows(gm, node, rows_out, slice_elems=SLICE_ELEMS)[0].movedim(0, -1).contiguous()
+        return linear
 
     def _reference(self, gm, recs, inputs):
         """Float outputs per batch, and each linear's local relative error (one forward per batch)."""
@@ -204,13 +214,11 @@ class ScoreSensitivity(FxquantPass):
 
         def observe(x_node: fx.Node, x: torch.Tensor) -> None:
             for n in readers[x_node]:
-                q, scale, smooth = self._quantized(gm, n, nodes[n])
                 bn = n.args[2] if len(n.args) > 2 else None
                 b = graph.get_attr(gm, str(bn.target)) if isinstance(bn, fx.Node) and bn.op == "get_attr" else None
                 y = F.linear(x, graph.weight(gm, n), b).double()
-                err[n] += float((W8A8(x, q, scale, b, smooth).double() - y).pow(2).sum())
+                err[n] += float((self._w8a8(gm, n, nodes[n])(x, b).double() - y).pow(2).sum())
                 size[n] += float(y.pow(2).sum())
-                del q, y  # before the next reader's int8 weight is made
 
         watch = graph.Watch(gm, set(readers), observe)
         refs = []

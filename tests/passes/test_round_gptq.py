@@ -15,7 +15,7 @@ from fxquant.errors import CalibrationError, PassError
 from fxquant.graph import DEQUANTIZE_INT8, LINEAR
 from fxquant.ops.w8a8 import quantize_weight_per_channel
 from fxquant.passes.lower_w8a8 import LINEAR_W8A8, LowerW8A8
-from fxquant.passes.round_gptq import MIN_BUDGET, RoundGPTQ, _Forward, column_groups, gptq_codes
+from fxquant.passes.round_gptq import MIN_BUDGET, RoundGPTQ, column_groups, gptq_codes
 from fxquant.passes.select_schemes import SelectOptions, SelectSchemes
 from fxquant.recipe import LayerRule
 
@@ -93,7 +93,7 @@ def test_the_weight_becomes_its_codes_and_the_lowering_takes_them_as_they_are():
     out = gm(xin)
     out = out[0] if isinstance(out, tuple) else out
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
-    lazy = _Forward(gm, set(), lambda *a: None).run(xin)  # later chunks' forwards: the weight by slices of rows
+    lazy = graph.Watch(gm, set(), lambda *a: None, by_rows=True).run(xin)  # later chunks' forwards: weight rows by slices
     torch.testing.assert_close(lazy[0] if isinstance(lazy, tuple) else lazy, out, rtol=0, atol=1e-6)
     LowerW8A8()(gm)
     assert count(gm, LINEAR_W8A8) == 1 and count(gm, DEQUANTIZE_INT8) == 0
