@@ -69,20 +69,21 @@ def act_order(h: torch.Tensor) -> torch.Tensor:
 def prepare(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(act order ``perm``, upper Cholesky factor of the damped inverse Hessian in that order).
 
-    ``h`` (float32) is written in place: pass the only reference to hold one extra ``in^2``
-    matrix at a time (each step frees the one before it)."""
+    ``h`` (float32) is overwritten with the factor, step by step: at most one extra ``in^2``
+    matrix exists at a time, whoever else holds ``h``."""
     perm = act_order(h)
-    h = h.detach().float()
+    h = h.detach()
+    if h.dtype != torch.float32:
+        raise PassError(f"round_gptq: the Hessian must be float32, got {h.dtype}")
     dead = torch.diagonal(h) <= 0
     h[dead, dead] = 1.0
-    hp = h.index_select(0, perm)
-    del h
-    hp = hp.index_select(1, perm)
-    torch.diagonal(hp).add_(damp * torch.diagonal(hp).mean())
-    hinv = torch.linalg.cholesky(hp)
-    del hp
-    hinv = torch.cholesky_inverse(hinv)
-    return perm, torch.linalg.cholesky(hinv, upper=True)
+    h.copy_(h.index_select(0, perm))
+    h.copy_(h.index_select(1, perm))
+    torch.diagonal(h).add_(damp * torch.diagonal(h).mean())
+    torch.linalg.cholesky(h, out=h)
+    torch.cholesky_inverse(h, out=h)
+    torch.linalg.cholesky(h, upper=True, out=h)
+    return perm, h
 
 
 def gptq_rows(wp: torch.Tensor, hinv: torch.Tensor, round_col: RoundCol, block: int = 128) -> torch.Tensor:
