@@ -68,7 +68,7 @@ def param_value(gm: torch.nn.Module, arg: fx.Node) -> torch.Tensor:
         p, s, *rest = arg.args
         return _fold.scale_region(param_value(gm, p), param_value(gm, s), *rest)
     if is_dequantize(arg):
-        return arg.target(*(get_attr(gm, str(a.target)) if isinstance(a, fx.Node) else a for a in arg.args))
+        return arg.target(*_dequantize_args(gm, arg))
     raise PassError(f"expected a parameter (get_attr or fxquant::scale_param over one), found {arg.format_node()}")
 
 
@@ -77,14 +77,17 @@ def is_dequantize(arg: Any) -> bool:
     return isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target in DEQUANTIZE
 
 
+def _dequantize_args(gm: torch.nn.Module, arg: fx.Node) -> list[Any]:
+    """The argument values of a ``fxquant::dequantize_*`` node (its buffers, then its constants)."""
+    return [get_attr(gm, str(a.target)) if isinstance(a, fx.Node) else a for a in arg.args]
+
+
 def root_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     """The parameter under a linear's weight (before any fold): its shape and dtype, no copy. For a
     rounded weight (``fxquant::dequantize_*``), a meta tensor of the float weight's shape and dtype."""
     root = param_root(node.args[1])
     if is_dequantize(root):
-        codes = get_attr(gm, str(root.args[0].target))
-        cols = codes.shape[1] if root.target is DEQUANTIZE_INT8 else root.args[2]
-        return torch.empty((codes.shape[0], cols), dtype=root.args[-1], device="meta")
+        return torch.empty(_root_rows(gm, root)[1], dtype=root.args[-1], device="meta")
     return get_attr(gm, str(root.target))
 
 
@@ -103,10 +106,10 @@ def weight_rows(gm: fx.GraphModule, node: fx.Node, fn: Callable[[torch.Tensor], 
     while arg.op == "call_function" and arg.target is SCALE_PARAM:
         chain.append(arg)
         arg = arg.args[0]
-    rows_of, (n_rows, n_cols) = _root_rows(gm, arg)
+    rows_of, shape = _root_rows(gm, arg)
     folds = [(param_value(gm, c.args[1]), *c.args[2:]) for c in reversed(chain)]
-    ndim = 2 if is_dequantize(arg) else get_attr(gm, str(arg.target)).ndim
-    step = max(1, slice_elems // max(1, n_cols))
+    n_rows, ndim = shape[0], len(shape)
+    step = max(1, slice_elems // max(1, shape[1:].numel()))
     outs: list[torch.Tensor] = []
     for i in range(0, n_rows, step):
         block = rows_of(slice(i, i + step))
@@ -121,43 +124,44 @@ def weight_rows(gm: fx.GraphModule, node: fx.Node, fn: Callable[[torch.Tensor], 
     return tuple(outs)
 
 
-def _root_rows(gm: fx.GraphModule, arg: fx.Node) -> tuple[Callable[[slice], torch.Tensor], tuple[int, int]]:
-    """(rows of the tensor under a fold chain by slice, (rows, elements per row)): a parameter's
-    own rows (views), or a rounded weight's rows decoded per slice (``fxquant::dequantize_*``)."""
+def _root_rows(gm: fx.GraphModule, arg: fx.Node) -> tuple[Callable[[slice], torch.Tensor], torch.Size]:
+    """(rows of the tensor under a fold chain by slice, its shape): a parameter's own rows (views),
+    or a rounded weight's rows decoded per slice (``fxquant::dequantize_*``)."""
     if not is_dequantize(arg):
         base = get_attr(gm, str(arg.target))
-        return (lambda r: base[r]), (base.shape[0], base[0].numel() if base.ndim else 1)
-    vals = [get_attr(gm, str(a.target)) if isinstance(a, fx.Node) else a for a in arg.args]
+        return (lambda r: base[r]), base.shape
+    vals = _dequantize_args(gm, arg)
     if arg.target is DEQUANTIZE_INT8:
         q, scale, dtype = vals
-        return (lambda r: _dequant.int8_rows(q[r], scale[r], dtype)), tuple(q.shape)
+        return (lambda r: _dequant.int8_rows(q[r], scale[r], dtype)), q.shape
     qweight, qtype, in_features, dtype = vals
-    return (lambda r: _dequant.gguf_rows(qweight[r], qtype, in_features, dtype)), (qweight.shape[0], in_features)
+    return (lambda r: _dequant.gguf_rows(qweight[r], qtype, in_features, dtype)), torch.Size((qweight.shape[0], in_features))
 
 
-def linear_by_rows(gm: fx.GraphModule, node: fx.Node, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``F.linear(x, weight(gm, node), bias)`` computed a slice of the effective weight's rows (output
-    features) at a time (`weight_rows`): no copy of a folded or rounded weight is made."""
+def linear_by_rows(gm: fx.GraphModule, node: fx.Node, x: torch.Tensor, bias: Optional[torch.Tensor],
+                   op: Callable[..., torch.Tensor] = torch.nn.functional.linear, slice_elems: int = 1 << 22) -> torch.Tensor:
+    """``op(x, weight(gm, node), bias)`` (``F.linear`` or any op whose output features are the
+    weight's rows) computed a slice of the effective weight's rows at a time (`weight_rows`): no
+    copy of a folded or rounded weight is made. The output is contiguous, like ``op``'s own."""
     x2d, done = x.reshape(-1, x.shape[-1]), 0
 
     def rows_out(rows: torch.Tensor) -> tuple[torch.Tensor]:
         nonlocal done
         b = None if bias is None else bias[done:done + rows.shape[0]]
         done += rows.shape[0]
-        return (torch.nn.functional.linear(x2d, rows, b).T,)
+        return (op(x2d, rows, b).T,)
 
-    return weight_rows(gm, node, rows_out)[0].T.contiguous().reshape(*x.shape[:-1], -1)
+    return weight_rows(gm, node, rows_out, slice_elems)[0].T.contiguous().reshape(*x.shape[:-1], -1)
 
 
-def set_weight(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> None:
-    """Make the linear ``node`` read ``value`` as its weight: the parameter under its fold chain is
-    replaced (a new tensor, never in place) and the chain, now computed, is dropped."""
-    arg = node.args[1]
-    root = param_root(arg)
-    set_parameter(gm, str(root.target), value)
-    if arg is not root:
-        node.update_arg(1, root)
-        release_unused(gm, [arg])
+def set_weight_op(gm: fx.GraphModule, node: fx.Node, target: Callable[..., Any], args: tuple) -> None:
+    """Make the linear ``node`` read its weight as ``target(*args)`` (a node inserted before it);
+    the weight it read (a parameter, its fold chain) is dropped once nothing reads it."""
+    old = node.args[1]
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, args)
+    node.update_arg(1, new)
+    release_unused(gm, [old])
 
 
 def param_root(arg: fx.Node) -> fx.Node:

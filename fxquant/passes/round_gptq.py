@@ -256,7 +256,7 @@ class RoundGPTQ(FxquantPass):
         """The weights to round, in graph order, each with its Hessian units (column groups, module doc)."""
         users: dict[str, list[fx.Node]] = {}
         for node, rec in meta.records(gm):
-            if graph.is_linear(node) and self._owns(rec) and not graph.is_dequantize(graph.param_root(node.args[1])):
+            if graph.is_linear(node) and self._owns(rec):  # a rounded weight's readers have a rounding record
                 users.setdefault(str(graph.param_root(node.args[1]).target), []).append(node)
         out = []
         for target, nodes in users.items():
@@ -364,11 +364,7 @@ class RoundGPTQ(FxquantPass):
         for name, t in buffers.items():
             graph.set_buffer(gm, name, t)
         for n in w.nodes:
-            old = n.args[1]
-            with gm.graph.inserting_before(n):
-                dq = gm.graph.call_function(op, (*(graph.get_attr_node(gm, name, n) for name in buffers), *extra))
-            n.update_arg(1, dq)
-            graph.release_unused(gm, [old])
+            graph.set_weight_op(gm, n, op, (*(graph.get_attr_node(gm, name, n) for name in buffers), *extra))
             meta.update(n, rounding=meta.Rounding("gptq", self.damp, len(w.units)))
         w.codes = w.extra = None
 

@@ -190,17 +190,12 @@ class ScoreSensitivity(FxquantPass):
             s = smoothing_vector(act.float().to(w.device), _col_absmax(w), self.alpha, rec.name)
             smooth = 1.0 / s
 
+        def w8a8(x: torch.Tensor, rows: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+            q, scale = quantize_weight_per_channel(rows.float() if s is None else rows.float() * s[None, :])
+            return W8A8(x, q, scale, bias, smooth)
+
         def linear(x: torch.Tensor, bias: Any) -> torch.Tensor:
-            done = 0
-
-            def rows_out(rows: torch.Tensor) -> tuple[torch.Tensor]:
-                nonlocal done
-                q, scale = quantize_weight_per_channel(rows.float() if s is None else rows.float() * s[None, :])
-                b = None if bias is None else bias[done:done + rows.shape[0]]
-                done += rows.shape[0]
-                return (W8A8(x, q, scale, b, smooth).movedim(-1, 0),)
-
-            return graph.weight_rows(gm, node, rows_out, slice_elems=SLICE_ELEMS)[0].movedim(0, -1).contiguous()
+            return graph.linear_by_rows(gm, node, x, bias, w8a8, SLICE_ELEMS)
         return linear
 
     def _reference(self, gm, recs, inputs):
