@@ -197,3 +197,26 @@ def test_the_hessians_held_at_once_and_the_inversion_copy_fit_the_budget():
     p = Counting(calib(), hessian_bytes=budget)
     p(gm)
     assert held == [budget, 2 * 4 * 32 ** 2]  # fc1 and fc2's first 32-column block (and one copy); fc2's second
+
+
+def test_a_lowering_refuses_a_weight_rounded_for_another_scheme_and_names_the_linear():
+    import dataclasses
+
+    from fxquant.passes.lower_gguf import LowerGGUF
+    from fxquant.schemes import Scheme
+
+    _, gm = traced()
+    SelectSchemes(SelectOptions(protect=(LayerRule("fc2"),)))(gm)
+    RoundGPTQ(calib())(gm)  # fc1 now reads int8 codes through dequantize_int8
+    fc1 = next(n for n, r in meta.records(gm) if r.name == "fc1")
+    rec = meta.get(fc1)
+    meta.update(fc1, selection=dataclasses.replace(rec.selection, scheme=Scheme.Q8_0))
+    with pytest.raises(PassError, match="lower_gguf: linear 'fc1' is selected q8_0 but reads a weight rounded for another scheme"):
+        LowerGGUF()(gm)
+    _, gm = traced()
+    SelectSchemes(SelectOptions(default="q8_0", protect=(LayerRule("fc2"),)))(gm)
+    RoundGPTQ(calib())(gm)  # fc1 (32 inputs, one Q8_0 block per row) now reads GGUF bytes
+    fc1 = next(n for n, r in meta.records(gm) if r.name == "fc1")
+    meta.update(fc1, selection=dataclasses.replace(meta.get(fc1).selection, scheme=Scheme.W8A8))
+    with pytest.raises(PassError, match="lower_w8a8: linear 'fc1' is selected w8a8 but reads a weight rounded for another scheme"):
+        LowerW8A8()(gm)
