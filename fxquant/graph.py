@@ -116,6 +116,7 @@ def weight_rows(gm: fx.GraphModule, node: fx.Node, fn: Callable[[torch.Tensor], 
         for s, dims, start, shift, divide in folds:
             block = _fold.scale_rows(block, s, dims, start, shift, divide, i, ndim)
         parts = fn(block)
+        memory.made(4 * block.numel())  # about what a slice's float32 temporaries take
         if not outs:
             outs = [torch.empty((n_rows, *p.shape[1:]), dtype=p.dtype, device=p.device) for p in parts]
         for o, p in zip(outs, parts):
@@ -332,6 +333,7 @@ class Watch(fx.Interpreter):
             out = linear_by_rows(self.module, n, args[0], args[2] if len(args) > 2 else kwargs.get("bias"))
         else:
             out = super().run_node(n)
+        memory.made(out)  # activations fragment the heap too (`memory.made`)
         if n in self.nodes:
             self.on_value(n, out)
         return out

@@ -9,11 +9,13 @@
 (as the protection ladder measures). ``local`` is a one-forward proxy, the relative error of the
 linear's own output ``||W8A8(x, W) - x W^T|| / ||x W^T||``, computed during the reference run.
 
-Cost, stated: ``1 + L`` forward passes for ``L`` linears, each on a batch of ``samples``
-calibration inputs (spread evenly over the trajectory, so the timesteps are stratified)
-concatenated along dim 0 when their shapes allow, otherwise one pass per input. Nothing is
-stored but the reference outputs. For Ideogram 4 (279 linears) with ``samples=2``: 280 batch-2
-forwards, about 280 float forwards' worth of work at twice the batch.
+Cost, stated: ``samples * (1 + L)`` forward passes for ``L`` linears, one calibration input each
+(``samples`` of them, spread evenly over the trajectory, so the timesteps are stratified). The
+inputs are not concatenated into one batch: that would not save work, and it would double the
+activations held at once (at Ideogram 4's real size the float32 RMSNorm of the 53248-wide LLM
+features is 1.3 GB per temporary per input). Nothing is stored but the reference outputs. For
+Ideogram 4 (279 linears) with ``samples=2``: 560 forwards, about 280 float forwards' worth of work
+at batch 2.
 
 Selection by budget (`choose_within_budget`): errors of independently quantized linears add
 roughly in energy (``error**2``), so keeping linear l in float removes about ``error_l**2`` for
@@ -71,25 +73,6 @@ def spread(n: int, k: int) -> list[int]:
     return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
 
 
-def batched(flats: list[list[Any]]) -> list[list[Any]]:
-    """Concatenate graph inputs along dim 0 when every tensor of every input has the same batch
-    size in dim 0 and the same trailing shape across inputs; otherwise keep them apart."""
-    if len(flats) < 2:
-        return flats
-    for flat in flats:
-        sizes = {v.shape[0] if v.ndim else None for v in flat if isinstance(v, torch.Tensor)}
-        if len(sizes) != 1 or None in sizes:
-            return flats
-    cols = list(zip(*flats))
-    for col in cols:
-        tensors = [v for v in col if isinstance(v, torch.Tensor)]
-        if tensors and (len(tensors) != len(col) or len({tuple(t.shape[1:]) for t in tensors}) != 1):
-            return flats
-        if not tensors and any(v != col[0] for v in col):
-            return flats
-    return [[torch.cat(col) if isinstance(col[0], torch.Tensor) else col[0] for col in cols]]
-
-
 class _OneQuantized(fx.Interpreter):
     """Runs the graph with one linear node computed by ``linear(x, bias)`` (its W8A8 simulation)."""
 
@@ -99,16 +82,26 @@ class _OneQuantized(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         if n is not self.node:
-            return super().run_node(n)
-        args, _ = self.fetch_args_kwargs_from_env(n)
-        return self.linear(args[0], args[2] if len(args) > 2 else None)
+            out = super().run_node(n)
+        else:
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            out = self.linear(args[0], args[2] if len(args) > 2 else None)
+        memory.made(out)
+        return out
 
 
 def _col_absmax(w: torch.Tensor, slice_elems: int = 1 << 22) -> torch.Tensor:
-    """``w.float().abs().amax(0)`` a slice of rows at a time (no float32 copy of the weight: 1 GB for
-    Ideogram 4's ``llm_cond_proj``)."""
+    """``w.float().abs().amax(0)`` a slice of rows at a time, as ``max(max, -min)`` (exact): no
+    float32 copy of the weight (1 GB for Ideogram 4's ``llm_cond_proj``), and no ``|w|`` temporary
+    per slice either (freed slice temporaries interleaved with small results fragment glibc's heap:
+    0.5 GB of RSS for ``llm_cond_proj``, docs/memory.md)."""
     step = max(1, slice_elems // max(1, w[0].numel()))
-    return torch.stack([b.abs().amax(0) for b in w.split(step)]).amax(0).float()
+    out = None
+    for b in w.split(step):
+        lo, hi = torch.aminmax(b, dim=0)
+        m = torch.maximum(hi, lo.neg_())
+        out = m if out is None else torch.maximum(out, m, out=out)
+    return out.float()
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:
@@ -137,7 +130,7 @@ class ScoreSensitivity(FxquantPass):
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise PassError(f"{self.name}: samples must be an integer >= 1, got {samples!r}")
         self.calibration, self.samples, self.alpha = calibration, samples, alpha
-        self.forwards = 0  # forward passes the last call ran (batched inputs count once)
+        self.forwards = 0  # forward passes the last call ran
         self.seconds = 0.0
 
     def requires(self, gm: fx.GraphModule) -> None:
@@ -151,7 +144,7 @@ class ScoreSensitivity(FxquantPass):
         if all(r.sensitivity is not None for _, r in recs):  # scored before (a second run): nothing to do
             return PassResult(gm, False)
         idx = spread(len(self.calibration), self.samples)
-        inputs = batched([graph.graph_inputs(gm, self.calibration[i], f"calibration[{i}]", self.name) for i in idx])
+        inputs = [graph.graph_inputs(gm, self.calibration[i], f"calibration[{i}]", self.name) for i in idx]
         refs, local = self._reference(gm, recs, inputs)
         ref_sq = sum(float(r.double().pow(2).sum()) for out in refs for r in out)
         errors = []
@@ -170,8 +163,8 @@ class ScoreSensitivity(FxquantPass):
         for (node, _), err, rank in zip(recs, errors, ranks):
             meta.update(node, sensitivity=meta.Sensitivity(err, rank, local[node]))
         self.seconds = time.perf_counter() - t0
-        log.info("%s: %d linears, %d forward passes (%d input(s) in %d batch(es)) in %.1f s", self.name, len(recs),
-                 self.forwards, len(idx), len(inputs), self.seconds)
+        log.info("%s: %d linears, %d forward passes (%d input(s)) in %.1f s", self.name, len(recs), self.forwards,
+                 len(idx), self.seconds)
         return PassResult(gm, False)
 
     def _w8a8(self, gm: fx.GraphModule, node: fx.Node, rec: meta.LinearRecord) -> Callable[[torch.Tensor, Any], torch.Tensor]:
@@ -199,7 +192,7 @@ class ScoreSensitivity(FxquantPass):
         return linear
 
     def _reference(self, gm, recs, inputs):
-        """Float outputs per batch, and each linear's local relative error (one forward per batch)."""
+        """Float outputs per input, and each linear's local relative error (one forward per input)."""
         nodes = {node: rec for node, rec in recs}
         err = {n: 0.0 for n in nodes}
         size = {n: 0.0 for n in nodes}

@@ -15,7 +15,7 @@ from fxquant.errors import CalibrationError, PassError, RecipeError
 from fxquant.graph import LINEAR
 from fxquant.passes.collect_stats import CollectStats
 from fxquant.passes.score_fragility import ScoreFragility
-from fxquant.passes.score_sensitivity import ScoreSensitivity, batched, choose_within_budget, spread
+from fxquant.passes.score_sensitivity import ScoreSensitivity, choose_within_budget, spread
 from fxquant.passes.select_schemes import SelectOptions, SelectSchemes
 from fxquant.recipe import ProtectBy
 
@@ -79,19 +79,18 @@ def test_simulated_smoothing_uses_each_linears_own_vector():
         assert got[name].error == pytest.approx(ref[name], rel=1e-3)
 
 
-def test_inputs_that_cannot_be_batched_run_one_at_a_time():
+def test_inputs_of_different_shapes_run_one_forward_each():
     m, gm = traced()
     g = torch.Generator().manual_seed(1)
     cal = [(torch.randn(2, 5, 32, generator=g),), (torch.randn(2, 7, 32, generator=g),)]
-    assert len(batched([[x[0]] for x in cal])) == 2
     p = ScoreSensitivity(cal, samples=2)
     p(gm)
-    assert p.forwards == 2 * 3  # two inputs apart: (reference + one per linear) each
+    assert p.forwards == 2 * 3  # each input: the reference and one per linear
     got, ref = sens(gm), reference_errors(m, cal)
     assert got["fc1"].error == pytest.approx(ref["fc1"], rel=1e-3)
     one = ScoreSensitivity(calib(4), samples=4)
     one(traced()[1])
-    assert one.forwards == 3  # four inputs of one shape: one batch
+    assert one.forwards == 4 * 3  # never concatenated into a batch: activations of one input at a time
 
 
 def test_spread_is_stratified_over_the_trajectory():
