@@ -333,7 +333,8 @@ class Watch(fx.Interpreter):
             out = linear_by_rows(self.module, n, args[0], args[2] if len(args) > 2 else kwargs.get("bias"))
         else:
             out = super().run_node(n)
-        memory.made(out)  # activations fragment the heap too (`memory.made`)
+        if n.op.startswith("call"):
+            memory.made(out)  # activations fragment the heap too (`memory.made`)
         if n in self.nodes:
             self.on_value(n, out)
         return out

@@ -146,3 +146,28 @@ def test_no_scale_param_and_no_group_vector_left_after_compile():
     assert not [n for n in gm.graph.nodes if n.target is SCALE]
     assert not [k for k in gm.state_dict() if k.endswith(".smooth_vector")]
     assert {r.smoothing.target for _, r in meta.records(gm)} & {"norm", "adaln"}
+
+
+def test_made_trims_once_every_trim_every_bytes(monkeypatch):
+    from fxquant import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "trim", lambda: calls.append(1) or True)
+    monkeypatch.setattr(memory, "_made", 0)
+    monkeypatch.setattr(memory, "TRIM_EVERY", 1000)
+    memory.made(600)
+    assert calls == []
+    memory.made({"a": torch.zeros(50, dtype=torch.float64), "b": [3, "x"]})  # 400 bytes of tensors: 1000 in all
+    assert calls == [1] and memory._made == 0
+    memory.made(torch.zeros(10))
+    assert calls == [1] and memory._made == 40
+
+
+def test_watch_counts_what_each_node_makes(monkeypatch):
+    from fxquant import memory
+
+    seen = []
+    monkeypatch.setattr(memory, "made", lambda v: seen.append(v))
+    gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()))
+    graph.Watch(gm, set(), lambda n, v: None).run(torch.ones(2, 4))
+    assert [tuple(v.shape) for v in seen] == [(2, 3), (2, 3)]  # the linear's and the relu's outputs, not the input

@@ -86,7 +86,8 @@ class _OneQuantized(fx.Interpreter):
         else:
             args, _ = self.fetch_args_kwargs_from_env(n)
             out = self.linear(args[0], args[2] if len(args) > 2 else None)
-        memory.made(out)
+        if n.op.startswith("call"):
+            memory.made(out)
         return out
 
 

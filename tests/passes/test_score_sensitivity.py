@@ -155,3 +155,14 @@ def test_recipe_fields_are_validated():
         fxquant.Recipe(default="float", gptq=True)
     with pytest.raises(RecipeError, match="sensitivity_samples"):
         fxquant.Recipe(sensitivity_samples=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_col_absmax_is_exact_by_slices(dtype):
+    from fxquant.passes.score_sensitivity import _col_absmax
+
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(37, 300, generator=g) * torch.rand(300, generator=g) * 10).to(dtype)
+    w[:, 0], w[:, 1], w[:, 2] = 0, -w[:, 1].abs(), w[:, 2].abs()  # all zero, all negative, all positive
+    for slice_elems in (1, 900, 1 << 22):
+        assert torch.equal(_col_absmax(w, slice_elems), w.float().abs().amax(0))
