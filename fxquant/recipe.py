@@ -89,7 +89,7 @@ class Recipe:
             codes on the block scales (and mins) llama.cpp's reference encoder computes.
         gptq_damp: GPTQ's Hessian damping, a fraction of its mean diagonal.
         gptq_hessian_bytes: the most memory GPTQ's Hessians take at once (float32 ``in_features^2``
-            per distinct input, and one extra copy while it is inverted); 0 (default): a tenth of
+            per distinct input, and one extra copy while it is inverted); 0 (default): a twentieth of
             the model's float bytes, at least 64 MiB, which keeps compile within the memory targets
             of docs/memory.md. A weight whose own Hessian does not fit twice is rounded in column
             groups that do (``rounding.groups``; Ideogram 4's ``llm_cond_proj``, 53248 inputs,

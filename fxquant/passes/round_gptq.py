@@ -25,7 +25,9 @@ values bit for bit (a ``PassError`` otherwise). Each weight's record gets ``roun
 
 Memory (docs/memory.md): the Hessians, float32 ``in_features^2`` per distinct input (q/k/v share
 one), are held at most ``hessian_bytes`` at a time, counting the one extra copy the inversion
-makes (default: a tenth of the module's float bytes, at least 64 MiB). Inputs are processed in
+makes (default: a twentieth of the module's float bytes, at least 64 MiB: half of the 10 % that
+`compile` may hold beyond the model and its output, the other half for the forwards' activations
+and the row slices). Inputs are processed in
 chunks whose Hessians fit; each chunk costs one forward pass per calibration input, and each
 Hessian is freed once the weights reading it are rounded. A weight whose own Hessian does not fit
 is rounded in column groups that do, each against its own diagonal block of ``H`` (the error is
@@ -56,6 +58,7 @@ from .base import FxquantPass, PassResult, require_records
 log = logging.getLogger("fxquant")
 
 MIN_BUDGET = 64 << 20  # the least ``hessian_bytes`` the default takes, whatever the model's size
+BUDGET_DIVISOR = 20  # the default ``hessian_bytes``: the module's float bytes over this (5 %)
 ROW_SLICE = 1 << 22  # float32 elements of a weight's rows rounded at once (16 MiB), and of activation rows
 RoundCol = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
@@ -194,7 +197,7 @@ class RoundGPTQ(FxquantPass):
         calibration: the example inputs (as given to ``compile``).
         damp: Hessian damping, a fraction of the mean diagonal (> 0).
         hessian_bytes: memory for the Hessians held at once, the inversion's extra copy included;
-            0 (default): a tenth of the module's float parameter and buffer bytes, at least 64 MiB.
+            0 (default): a twentieth of the module's float parameter and buffer bytes, at least 64 MiB.
             A weight whose own Hessian does not fit is rounded in column groups that do.
 
     Raises:
@@ -221,7 +224,7 @@ class RoundGPTQ(FxquantPass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         t0 = time.perf_counter()
-        self.budget = self.hessian_bytes or max(MIN_BUDGET, _float_bytes(gm) // 10)
+        self.budget = self.hessian_bytes or max(MIN_BUDGET, _float_bytes(gm) // BUDGET_DIVISOR)
         weights = self._weights(gm)
         if not weights:
             return PassResult(gm, False)

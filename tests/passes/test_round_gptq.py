@@ -148,16 +148,20 @@ def test_preconditions():
     assert RoundGPTQ(calib())(gm).modified is False and gm.code == code  # lowered linears are declined
 
 
-def test_the_default_budget_is_a_tenth_of_the_float_bytes():
-    big = torch.nn.Sequential(torch.nn.Linear(4096, 4096, bias=False), torch.nn.Linear(4096, 1024, bias=False)).eval()
+def test_the_default_budget_is_a_twentieth_of_the_float_bytes(monkeypatch):
+    from fxquant.passes import round_gptq
+
+    big = torch.nn.Sequential(torch.nn.Linear(256, 256, bias=False), torch.nn.Linear(256, 64, bias=False)).eval()
     for p_ in big.parameters():
         p_.requires_grad_(False)
-    _, gm = traced(big, shape=(1, 3, 4096))
+    _, gm = traced(big, shape=(1, 3, 256))
     SelectSchemes(SelectOptions())(gm)
     g = torch.Generator().manual_seed(0)
-    p = RoundGPTQ([(torch.randn(1, 3, 4096, generator=g),)])
+    p = RoundGPTQ([(torch.randn(1, 3, 256, generator=g),)])
+    monkeypatch.setattr(round_gptq, "MIN_BUDGET", 1)  # the floor (64 MiB) would hide the fraction at this size
     p(gm)
-    assert p.budget == max(MIN_BUDGET, (4096 * 4096 + 4096 * 1024) * 4 // 10)
+    assert p.budget == (256 * 256 + 256 * 64) * 4 // 20
+    assert [meta.get(n).rounding.groups for n, _ in meta.records(gm)] == [6, 6]  # 16 KiB: groups of 43 columns fit twice
 
 
 def test_second_run_changes_nothing_and_the_pipeline_places_it_before_the_lowering():
