@@ -28,7 +28,8 @@ one), are held at most ``hessian_bytes`` at a time, counting the one extra copy 
 makes (default: a twentieth of the module's float bytes, at least 64 MiB: half of the 10 % that
 `compile` may hold beyond the model and its output, the other half for the forwards' activations
 and the row slices). Inputs are processed in
-chunks whose Hessians fit; each chunk costs one forward pass per calibration input, and each
+chunks whose Hessians fit; each chunk costs one forward pass per calibration input (stopped once
+the chunk's last input is seen: nothing after it adds to these Hessians), and each
 Hessian is freed once the weights reading it are rounded. A weight whose own Hessian does not fit
 is rounded in column groups that do, each against its own diagonal block of ``H`` (the error is
 spread within the group, not across groups: between whole GPTQ and round-to-nearest); its record
@@ -298,7 +299,10 @@ class RoundGPTQ(FxquantPass):
             for x in u[0]:
                 wanted.setdefault(x, []).append(u)
 
+        seen: set[fx.Node] = set()
+
         def add(x_node: fx.Node, x: torch.Tensor) -> None:
+            seen.add(x_node)
             x2d = x.detach().reshape(-1, x.shape[-1])
             step = max(1, ROW_SLICE // x2d.shape[1])
             for r in range(0, x2d.shape[0], step):
@@ -309,11 +313,17 @@ class RoundGPTQ(FxquantPass):
                         hess[u].addmm_(part.T, part)  # in place: no second matrix per call
                     else:
                         hess[u] = part.T @ part
+            if len(seen) == len(wanted):
+                raise _Seen  # the rest of the forward adds nothing to these Hessians
 
         watch = graph.Watch(gm, set(wanted), add, by_rows=True)  # no copy of a folded or rounded weight
         for i, ex in enumerate(self.calibration):
-            with torch.no_grad():
-                watch.run(*graph.graph_inputs(gm, ex, f"calibration[{i}]", self.name))
+            seen.clear()
+            try:
+                with torch.no_grad():
+                    watch.run(*graph.graph_inputs(gm, ex, f"calibration[{i}]", self.name))
+            except _Seen:
+                watch.env.clear()  # the activations still held when it stopped
             self.forwards += 1
         return hess
 
@@ -388,6 +398,10 @@ class RoundGPTQ(FxquantPass):
                                 "encode back to their codes on the fixed grid")
             parts.append(torch.from_numpy(data))
         return torch.cat(parts).to(w.codes.device)
+
+
+class _Seen(Exception):
+    """Ends a Hessian forward early: every input of the chunk has been seen."""
 
 
 def _unit_bytes(u: Unit) -> int:

@@ -132,6 +132,29 @@ def test_a_weight_whose_hessian_does_not_fit_is_rounded_in_column_groups(caplog)
     assert all(torch.equal(gm.state_dict()[k], v) for k, v in state.items())
 
 
+def test_a_hessian_forward_stops_once_its_chunk_inputs_are_seen(monkeypatch):
+    m, gm = traced(TwoLinears(d=32, h=64).eval())
+    SelectSchemes(SelectOptions())(gm)
+    ran: list[list[str]] = []
+    run, run_node = graph.Watch.run, graph.Watch.run_node
+
+    def record_run(self, *args, **kwargs):
+        ran.append([])
+        return run(self, *args, **kwargs)
+
+    def record_node(self, n):
+        ran[-1].append(n.name)
+        return run_node(self, n)
+
+    monkeypatch.setattr(graph.Watch, "run", record_run)
+    monkeypatch.setattr(graph.Watch, "run_node", record_node)
+    RoundGPTQ(calib(), hessian_bytes=8 * 32 ** 2)(gm)  # three chunks: fc1's input, then fc2's two column groups
+    fc1 = next(n.name for n, r in meta.records(gm) if r.name == "fc1")
+    first, last = ran[0], ran[-1]
+    assert fc1 not in first and "output" not in first  # fc1's input seen: nothing downstream runs
+    assert fc1 in last and "output" not in last  # fc2's input comes after fc1; fc2 and the output never run
+
+
 def test_preconditions():
     _, gm = traced()
     with pytest.raises(CalibrationError, match="round_gptq"):
