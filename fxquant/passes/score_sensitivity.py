@@ -146,11 +146,12 @@ class ScoreSensitivity(FxquantPass):
             return PassResult(gm, False)
         idx = spread(len(self.calibration), self.samples)
         inputs = [graph.graph_inputs(gm, self.calibration[i], f"calibration[{i}]", self.name) for i in idx]
-        refs, local = self._reference(gm, recs, inputs)
+        sims = {node: self._w8a8(gm, node, rec) for node, rec in recs}  # smoothing vectors once, not per forward
+        refs, local = self._reference(gm, sims, inputs)
         ref_sq = sum(float(r.double().pow(2).sum()) for out in refs for r in out)
         errors = []
-        for node, rec in recs:
-            interp = _OneQuantized(gm, node, self._w8a8(gm, node, rec))
+        for node, _ in recs:
+            interp = _OneQuantized(gm, node, sims[node])
             err_sq = 0.0
             for flat, ref in zip(inputs, refs):
                 with torch.no_grad():
@@ -192,13 +193,13 @@ class ScoreSensitivity(FxquantPass):
             return graph.linear_by_rows(gm, node, x, bias, w8a8, SLICE_ELEMS)
         return linear
 
-    def _reference(self, gm, recs, inputs):
-        """Float outputs per input, and each linear's local relative error (one forward per input)."""
-        nodes = {node: rec for node, rec in recs}
-        err = {n: 0.0 for n in nodes}
-        size = {n: 0.0 for n in nodes}
+    def _reference(self, gm, sims, inputs):
+        """Float outputs per input, and each linear's local relative error against its W8A8
+        simulation ``sims[node]`` (one forward per input)."""
+        err = {n: 0.0 for n in sims}
+        size = {n: 0.0 for n in sims}
         readers: dict[fx.Node, list[fx.Node]] = {}
-        for node in nodes:
+        for node in sims:
             readers.setdefault(node.args[0], []).append(node)
 
         def observe(x_node: fx.Node, x: torch.Tensor) -> None:
@@ -206,7 +207,7 @@ class ScoreSensitivity(FxquantPass):
                 bn = n.args[2] if len(n.args) > 2 else None
                 b = graph.get_attr(gm, str(bn.target)) if isinstance(bn, fx.Node) and bn.op == "get_attr" else None
                 y = F.linear(x, graph.weight(gm, n), b).double()
-                err[n] += float((self._w8a8(gm, n, nodes[n])(x, b).double() - y).pow(2).sum())
+                err[n] += float((sims[n](x, b).double() - y).pow(2).sum())
                 size[n] += float(y.pow(2).sum())
 
         watch = graph.Watch(gm, set(readers), observe)
@@ -214,4 +215,4 @@ class ScoreSensitivity(FxquantPass):
         for flat in inputs:
             with torch.no_grad():
                 refs.append(_leaves(watch.run(*flat)))
-        return refs, {n: math.sqrt(err[n] / max(size[n], 1e-300)) for n in nodes}
+        return refs, {n: math.sqrt(err[n] / max(size[n], 1e-300)) for n in sims}
