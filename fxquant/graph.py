@@ -92,9 +92,11 @@ def root_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
 
 
 def weight_rows(gm: fx.GraphModule, node: fx.Node, fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
-                slice_elems: int = 1 << 22) -> tuple[torch.Tensor, ...]:
+                slice_elems: int = 1 << 22, cols: Optional[tuple[int, int]] = None) -> tuple[torch.Tensor, ...]:
     """``fn`` applied to the effective weight of a linear a slice of rows at a time, its outputs
-    (each with the slice's rows in dim 0) assembled into whole tensors.
+    (each with the slice's rows in dim 0) assembled into whole tensors. With ``cols = (a, b)``
+    ``fn`` sees columns ``[a, b)`` only, and a slice holds as many more rows as the window is
+    narrower.
 
     For row-wise codecs (per-channel int8, GGUF blocks) this is bit-identical to ``fn(weight(gm,
     node))`` and never holds a full float copy of the weight: the folds are computed per slice.
@@ -109,12 +111,22 @@ def weight_rows(gm: fx.GraphModule, node: fx.Node, fn: Callable[[torch.Tensor], 
     rows_of, shape = _root_rows(gm, arg)
     folds = [(param_value(gm, c.args[1]), *c.args[2:]) for c in reversed(chain)]
     n_rows, ndim = shape[0], len(shape)
-    step = max(1, slice_elems // max(1, shape[1:].numel()))
+    a, b = cols if cols is not None else (0, shape[1] if ndim > 1 else 1)
+    window = cols is not None and ndim == 2 and all(len(f[1]) == 1 for f in folds)
+    if window:  # each fold restricted to the window (a fold over columns moves with it)
+        folds = [_fold_window(f, a, b) for f in folds]
+        folds = [f for f in folds if f is not None]
+    width = (b - a) if window else max(1, shape[1:].numel())
+    step = max(1, slice_elems // max(1, width))
     outs: list[torch.Tensor] = []
     for i in range(0, n_rows, step):
         block = rows_of(slice(i, i + step))
+        if window:
+            block = block[:, a:b]
         for s, dims, start, shift, divide in folds:
             block = _fold.scale_rows(block, s, dims, start, shift, divide, i, ndim)
+        if cols is not None and not window:
+            block = block[:, a:b]
         parts = fn(block)
         memory.made(4 * block.numel())  # about what a slice's float32 temporaries take
         if not outs:
@@ -123,6 +135,15 @@ def weight_rows(gm: fx.GraphModule, node: fx.Node, fn: Callable[[torch.Tensor], 
             o[i:i + step] = p
     memory.trim()  # the slices' float32 temporaries: back to the OS, not kept by the allocator
     return tuple(outs)
+
+
+def _fold_window(fold: tuple, a: int, b: int) -> Optional[tuple]:
+    """A one-dim fold of a 2-d weight as it applies to its columns ``[a, b)`` (None: it misses them)."""
+    s, dims, start, shift, divide = fold
+    if dims[0] % 2 == 0:
+        return fold  # over rows: the same for every column
+    lo, hi = max(start, a), min(start + s.numel(), b)
+    return (s[lo - start:hi - start], dims, lo - a, shift, divide) if lo < hi else None
 
 
 def _root_rows(gm: fx.GraphModule, arg: fx.Node) -> tuple[Callable[[slice], torch.Tensor], torch.Size]:

@@ -31,8 +31,8 @@ class Lin(torch.nn.Module):
         return self.fc(x)
 
 
-def _chained(dtype=torch.bfloat16):
-    """A linear whose weight is read through a row fold (rows 8..31) and a column scaling."""
+def _chained(dtype=torch.bfloat16, cols=(0, 24)):
+    """A linear whose weight is read through a row fold (rows 8..31) and a column scaling (of ``cols``)."""
     torch.manual_seed(0)
     gm = fx.symbolic_trace(Lin()).to(dtype)
     g = gm.graph
@@ -43,12 +43,12 @@ def _chained(dtype=torch.bfloat16):
         b = g.get_attr("fc.bias")
         s_rows, s_cols = g.get_attr("s_rows"), g.get_attr("s_cols")
         rows = g.call_function(SCALE, (w, s_rows, [0], 8, 0.0, True))
-        cols = g.call_function(SCALE, (rows, s_cols, [1], 0, 0.0, False))
-        new = g.call_function(graph.LINEAR, (x, cols, b))
+        scaled = g.call_function(SCALE, (rows, s_cols, [1], cols[0], 0.0, False))
+        new = g.call_function(graph.LINEAR, (x, scaled, b))
     lin.replace_all_uses_with(new)
     g.erase_node(lin)
     gm.register_buffer("s_rows", torch.rand(24) + 0.5)
-    gm.register_buffer("s_cols", torch.rand(24) * 4 + 0.1)
+    gm.register_buffer("s_cols", torch.rand(cols[1] - cols[0]) * 4 + 0.1)
     gm.recompile()
     return gm, new
 
@@ -65,6 +65,20 @@ def test_weight_rows_is_bit_identical_to_the_whole_effective_weight():
         (rows,) = graph.weight_rows(gm, node, lambda r: (r.clone(),), slice_elems=elems)
         assert torch.equal(rows, whole)
     assert torch.equal(graph.root_weight(gm, node), p)  # the parameter itself, untouched
+
+
+def test_weight_rows_of_a_column_window_are_those_columns_of_the_effective_weight():
+    gm, node = _chained(cols=(6, 18))  # the column fold covers columns 6..17 only
+    whole = graph.weight(gm, node)
+    seen = []
+    for a, b in ((0, 5), (3, 10), (6, 18), (10, 24), (18, 24), (0, 24)):
+        for elems in (1, 7 * (b - a), 1 << 22):
+            def fn(r):
+                seen.append(r.shape)
+                return (r.clone(),)
+            (got,) = graph.weight_rows(gm, node, fn, slice_elems=elems, cols=(a, b))
+            assert torch.equal(got, whole[:, a:b]), (a, b, elems)
+    assert (7, 7) in seen  # a slice holds as many rows as fit in the window's width, not the row's
 
 
 def test_watch_by_rows_never_computes_a_folded_weight_and_gives_the_same_outputs():

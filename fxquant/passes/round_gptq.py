@@ -34,8 +34,9 @@ Hessian is freed once the weights reading it are rounded. A weight whose own Hes
 is rounded in column groups that do, each against its own diagonal block of ``H`` (the error is
 spread within the group, not across groups: between whole GPTQ and round-to-nearest); its record
 says how many groups (``rounding.groups``). Rounding works on a slice of the weight's rows at a
-time (rows are independent given the inverse Hessian), and the weight's codes take one byte per
-weight, so nothing holds a second float copy of the model.
+time, of the group's columns only (rows are independent given the inverse Hessian; a narrow group
+gets proportionally more rows per slice, so fewer trips through GPTQ's column loop), and the
+weight's codes take one byte per weight, so nothing holds a second float copy of the model.
 """
 
 from __future__ import annotations
@@ -111,15 +112,21 @@ def gptq_rows(wp: torch.Tensor, hinv: torch.Tensor, round_col: RoundCol, block: 
     return codes
 
 
-def _int8_round_col(wf: torch.Tensor, scale: torch.Tensor, perm: torch.Tensor, cols: tuple[int, int]) -> RoundCol:
-    """Round-to-nearest on the per-row ``scale``, except each row's max-|w| element (if it lies in
-    ``cols``), which keeps its RTN code (+-127): the codes' largest magnitude matches the scale."""
+def _int8_pins(wf: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each row's max-|w| column, its RTN code) for float32 rows ``wf`` on their ``scale``."""
+    col = wf.abs().argmax(1)
+    return col, torch.round(wf.gather(1, col[:, None]).squeeze(1) / scale).clamp(-INT8_MAX, INT8_MAX)
+
+
+def _int8_round_col(scale: torch.Tensor, pins: tuple[torch.Tensor, torch.Tensor], perm: torch.Tensor,
+                    cols: tuple[int, int]) -> RoundCol:
+    """Round-to-nearest on the per-row ``scale``, except each row's max-|w| element (`_int8_pins`;
+    if it lies in ``cols``), which keeps its RTN code (+-127): the codes' largest magnitude matches the scale."""
     a, b = cols
     inv = torch.argsort(perm)
-    amax_col = wf.abs().argmax(1)
+    amax_col, pin_code = pins
     inside = (amax_col >= a) & (amax_col < b)
     pin_col = torch.where(inside, inv[(amax_col - a).clamp(0, b - a - 1)], -1)
-    pin_code = torch.round(wf.gather(1, amax_col[:, None]).squeeze(1) / scale).clamp(-INT8_MAX, INT8_MAX)
 
     def round_col(col: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         q = torch.round(col / scale).clamp(-INT8_MAX, INT8_MAX)
@@ -145,7 +152,7 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, damp: float = 0.01, block: int 
     wf = w.detach().float()
     _, scale = quantize_weight_per_channel(wf)
     perm, hinv = prepare(h.detach().float().clone(), damp)
-    round_col = _int8_round_col(wf, scale, perm, (0, wf.shape[1]))
+    round_col = _int8_round_col(scale, _int8_pins(wf, scale), perm, (0, wf.shape[1]))
     return gptq_rows(wf[:, perm], hinv, round_col, block)[:, torch.argsort(perm)].to(torch.int8)
 
 
@@ -188,7 +195,7 @@ class _Weight:
     units: list[Unit]
     left: int = 0
     codes: Optional[torch.Tensor] = None
-    extra: Optional[torch.Tensor] = field(default=None, repr=False)  # W8A8: the row scales; GGUF: the grid
+    extra: Any = field(default=None, repr=False)  # W8A8: (row scales, pinned columns, their codes); GGUF: the grid
 
 
 class RoundGPTQ(FxquantPass):
@@ -328,38 +335,50 @@ class RoundGPTQ(FxquantPass):
         return hess
 
     def _round(self, gm: fx.GraphModule, w: _Weight, unit: Unit, perm: torch.Tensor, hinv: torch.Tensor) -> None:
-        """GPTQ codes of one column group of ``w``, a slice of rows at a time; the weight is
-        rewritten once its last group is done."""
+        """GPTQ codes of one column group of ``w``, a slice of rows of that group at a time; the
+        weight is rewritten once its last group is done. What the groups share is taken from the
+        whole rows first: W8A8's row scales and pinned codes, or GGUF's block headers."""
         node, (_, a, b) = w.nodes[0], unit
-        inv = torch.argsort(perm)
+        n_in, inv, done = meta.get(node).in_features, torch.argsort(perm), 0
         if w.scheme is Scheme.W8A8:
+            if w.extra is None:
+                def pins(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                    wf = rows.float()
+                    scale = quantize_weight_per_channel(wf)[1]
+                    return (scale, *_int8_pins(wf, scale))
+                w.extra = graph.weight_rows(gm, node, pins)
+
             def fn(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-                wf = rows.float()
-                _, scale = quantize_weight_per_channel(wf)
-                q = gptq_rows(wf[:, a:b][:, perm], hinv, _int8_round_col(wf, scale, perm, (a, b)))
-                return q[:, inv].to(torch.int8), scale
+                nonlocal done
+                scale, col, code = (t[done:done + rows.shape[0]] for t in w.extra)
+                done += rows.shape[0]
+                q = gptq_rows(rows.float()[:, perm], hinv, _int8_round_col(scale, (col, code), perm, (a, b)))
+                return (q[:, inv].to(torch.int8),)
         else:
             qtype = w.scheme.value
             if w.extra is None:  # the reference encoder's block headers, from the weight before rounding
                 w.extra = graph.weight_rows(gm, node, lambda rows: (
                     torch.from_numpy(codecs.grid(codecs.quantize(rows.detach().float().cpu().numpy(), qtype), qtype)),))[0]
-            done = 0
+            per = codecs.BLOCKS[qtype][0]
+            head = w.extra.shape[1] // (n_in // per)
+            a0, b0 = a // per * per, -(-b // per) * per  # the whole blocks around the group
 
             def fn(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
                 nonlocal done
-                g = w.extra[done:done + rows.shape[0]].numpy()
+                g = w.extra[done:done + rows.shape[0], a0 // per * head:b0 // per * head].numpy()
                 done += rows.shape[0]
-                step, offset = (torch.from_numpy(v[:, a:b]).to(rows.device) for v in codecs.grid_values(g, qtype, rows.shape[1]))
+                step, offset = (torch.from_numpy(v[:, a - a0:b - a0]).to(rows.device) for v in codecs.grid_values(g, qtype, b0 - a0))
                 round_col = _grid_round_col(step[:, perm], offset[:, perm], codecs.code_range(qtype))
-                return (gptq_rows(rows.float()[:, a:b][:, perm], hinv, round_col)[:, inv].to(torch.int8),)
-        parts = graph.weight_rows(gm, node, fn, slice_elems=ROW_SLICE)
+                return (gptq_rows(rows.float()[:, perm], hinv, round_col)[:, inv].to(torch.int8),)
+        codes = graph.weight_rows(gm, node, fn, slice_elems=ROW_SLICE, cols=(a, b))[0]
         if w.codes is None:
-            w.codes = torch.empty(graph.root_weight(gm, node).shape, dtype=torch.int8, device=parts[0].device)
-        w.codes[:, a:b] = parts[0]
-        if w.scheme is Scheme.W8A8:
-            w.extra = parts[1]
+            w.codes = torch.empty(graph.root_weight(gm, node).shape, dtype=torch.int8, device=codes.device)
+        w.codes[:, a:b] = codes
+        del codes
         w.left -= 1
         if not w.left:
+            if w.scheme is Scheme.W8A8:
+                w.extra = w.extra[0]  # the row scales
             self._rewrite(gm, w)
 
     def _rewrite(self, gm: fx.GraphModule, w: _Weight) -> None:
