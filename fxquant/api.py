@@ -114,7 +114,7 @@ def _compile_one(model: torch.nn.Module, recipe: Recipe, calibration: Any, branc
     # calls it kept are re-run by some passes, in the graph's canonical form like any other input.
     if isinstance(calibration, Observed):
         examples = calibration.with_inputs(examples)
-    passes = pipeline.build(recipe, examples, branch, dump_dir)
+    passes = pipeline.build(recipe, examples, branch, dump_dir, owns_weights=consume)
     gm = trace(model, examples[0])
     marked = dtypes.mark(gm, model, examples[0])
     meta.set_graph_record(gm, meta.GraphRecord(

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
+import sys
 from typing import Any, Optional
 
 import torch
@@ -64,3 +66,29 @@ def made(value: Any) -> None:
     if _made >= TRIM_EVERY:
         _made = 0
         trim()
+
+
+MADV_DONTNEED = 4  # Linux: the pages read back as zeros; their memory goes back to the OS at once
+_madvise: Optional[Any] = None
+
+
+def release(t: torch.Tensor) -> int:
+    """Give the whole pages inside ``t``'s bytes back to the OS (``madvise(MADV_DONTNEED)``): for a
+    tail of a buffer whose contents are no longer needed, while the buffer itself must stay. The
+    pages read as zeros afterwards. Returns the bytes released (0 off Linux, or for a non-CPU tensor)."""
+    global _madvise
+    if t.device.type != "cpu" or not t.is_contiguous():
+        return 0
+    if _madvise is None:
+        try:
+            fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").madvise
+            fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+        except (OSError, AttributeError):
+            fn = False
+        _madvise = fn
+    page = mmap.PAGESIZE
+    lo = -(-t.data_ptr() // page) * page
+    hi = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if not _madvise or hi <= lo or not sys.platform.startswith("linux"):
+        return 0
+    return hi - lo if _madvise(lo, hi - lo, MADV_DONTNEED) == 0 else 0

@@ -152,9 +152,10 @@ def lowerings(recipe: Recipe) -> list[FxquantPass]:
 
 
 def build(recipe: Recipe, calibration: Sequence[Any] | None = None, label: str = "",
-          dump_dir: Optional[str | os.PathLike[str]] = None) -> Pipeline:
+          dump_dir: Optional[str | os.PathLike[str]] = None, owns_weights: bool = False) -> Pipeline:
     """The `Pipeline` for ``recipe``. ``calibration`` feeds the passes that observe activations;
-    ``label`` (the CFG branch) names them in progress messages."""
+    ``label`` (the CFG branch) names them in progress messages; ``owns_weights`` (``compile(consume=True)``)
+    lets GPTQ write codes into the float weights it replaces."""
     analysis: list[FxquantPass] = [FindLinears()]
     if recipe.needs_calibration:
         analysis.append(CollectStats(calibration, label=f"collect_stats {label}".strip()))
@@ -168,7 +169,7 @@ def build(recipe: Recipe, calibration: Sequence[Any] | None = None, label: str =
     if recipe.smoothquant:
         rewrite.append(FoldSmoothing(recipe.alpha, recipe.alpha_search, calibration))
     if recipe.gptq:
-        rewrite.append(RoundGPTQ(calibration, recipe.gptq_damp, recipe.gptq_hessian_bytes))
+        rewrite.append(RoundGPTQ(calibration, recipe.gptq_damp, recipe.gptq_hessian_bytes, in_place=owns_weights))
     rewrite += lowerings(recipe)
     if recipe.smoothquant:
         rewrite.append(MaterializeFolds())  # after every lowering: bakes what stays float

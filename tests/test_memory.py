@@ -9,6 +9,10 @@
   module owns the weights (each freed once lowered); its outputs equal the default compile's.
 """
 
+import mmap
+import sys
+
+import pytest
 import torch
 import torch.fx as fx
 
@@ -141,10 +145,21 @@ def test_compiled_module_shares_nothing_with_the_source():
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
-def test_consume_takes_the_weights_and_gives_the_same_module():
+@pytest.mark.parametrize("hessian_bytes", [0, 200_000])  # default: one group a weight; small: w2 and others in groups
+def test_consume_takes_the_weights_and_gives_the_same_module(monkeypatch, hessian_bytes):
+    from fxquant.passes import round_gptq
+
+    compacted = []
+    compact = round_gptq._compact
+    monkeypatch.setattr(round_gptq, "_compact", lambda w: compacted.append(w.shape) or compact(w))
+    recipe = RECIPE.replace(gptq_hessian_bytes=hessian_bytes)
     model, items = _model_and_items()
-    reference = fxquant.compile(model, RECIPE, calibration=items)
-    gm = fxquant.compile(model, RECIPE, calibration=items, consume=True)
+    reference = fxquant.compile(model, recipe, calibration=items)
+    assert compacted == []  # shared weights: never written
+    gm = fxquant.compile(model, recipe, calibration=items, consume=True)
+    # owned weights: GPTQ wrote each one's codes into its own memory (RoundGPTQ in_place), same codes
+    assert len(compacted) == sum(r.scheme == "w8a8" for r in fxquant.summary(gm).rows) > 0
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in gm.state_dict().items())
     assert all(p.device.type == "meta" for p in model.parameters())
     assert all(b.device.type == "meta" for b in model.buffers())
     assert all(t.device.type == "cpu" for t in list(gm.parameters()) + list(gm.buffers()))
@@ -185,3 +200,20 @@ def test_watch_counts_what_each_node_makes(monkeypatch):
     gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()))
     graph.Watch(gm, set(), lambda n, v: None).run(torch.ones(2, 4))
     assert [tuple(v.shape) for v in seen] == [(2, 3), (2, 3)]  # the linear's and the relu's outputs, not the input
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_DONTNEED) and /proc: Linux")
+def test_release_gives_the_pages_of_a_tail_back_and_keeps_the_head():
+    from fxquant import memory
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * mmap.PAGESIZE
+
+    t = torch.ones(64 << 20, dtype=torch.uint8)
+    before = rss()
+    n = memory.release(t[16 << 20:])
+    assert n >= (48 << 20) - 2 * mmap.PAGESIZE
+    assert before - rss() >= 0.9 * n
+    assert bool(t[:16 << 20].all()) and int(t[32 << 20]) == 0  # the head keeps its values; the tail reads zeros
+    assert memory.release(t[:10]) == 0  # no whole page inside

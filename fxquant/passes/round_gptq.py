@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -194,6 +195,7 @@ class _Weight:
     scheme: Scheme
     units: list[Unit]
     left: int = 0
+    in_place: bool = False  # codes written into the float weight's own memory (RoundGPTQ's in_place)
     codes: Optional[torch.Tensor] = None
     extra: Any = field(default=None, repr=False)  # W8A8: (row scales, pinned columns, their codes); GGUF: the grid
 
@@ -207,6 +209,10 @@ class RoundGPTQ(FxquantPass):
         hessian_bytes: memory for the Hessians held at once, the inversion's extra copy included;
             0 (default): a twentieth of the module's float parameter and buffer bytes, at least 64 MiB.
             A weight whose own Hessian does not fit is rounded in column groups that do.
+        in_place: the module owns its weights (``compile(consume=True)``): a float weight that
+            nothing else holds or reads gets its codes written into its own columns as they are
+            rounded, and becomes its int8 codes in its own memory (`_compact`), so its codes and
+            its float values never take memory side by side. Same codes.
 
     Raises:
         PassError: no ``selection`` (run select_schemes first), GGUF codes that do not decode to
@@ -217,14 +223,15 @@ class RoundGPTQ(FxquantPass):
 
     name = "round_gptq"
 
-    def __init__(self, calibration: Optional[Sequence[Any]], damp: float = 0.01, hessian_bytes: int = 0) -> None:
+    def __init__(self, calibration: Optional[Sequence[Any]], damp: float = 0.01, hessian_bytes: int = 0,
+                 in_place: bool = False) -> None:
         if not calibration:
             raise CalibrationError(f"{self.name}: needs at least one calibration input, got {calibration!r}")
         if not damp > 0:
             raise PassError(f"{self.name}: damp must be > 0, got {damp!r}")
         if isinstance(hessian_bytes, bool) or not isinstance(hessian_bytes, int) or hessian_bytes < 0:
             raise PassError(f"{self.name}: hessian_bytes must be an integer >= 0 (0: automatic), got {hessian_bytes!r}")
-        self.calibration, self.damp, self.hessian_bytes = calibration, float(damp), hessian_bytes
+        self.calibration, self.damp, self.hessian_bytes, self.in_place = calibration, float(damp), hessian_bytes, in_place
         self.forwards, self.seconds, self.budget = 0, 0.0, 0
 
     def requires(self, gm: fx.GraphModule) -> None:
@@ -278,7 +285,8 @@ class RoundGPTQ(FxquantPass):
             n_in = meta.get(nodes[0]).in_features
             groups = column_groups(n_in, self.budget)
             inputs = tuple(dict.fromkeys(n.args[0] for n in nodes))
-            out.append(_Weight(target, nodes, schemes.pop(), [(inputs, a, b) for a, b in groups], len(groups)))
+            out.append(_Weight(target, nodes, schemes.pop(), [(inputs, a, b) for a, b in groups], len(groups),
+                               self.in_place and _sole_holder(gm, nodes)))
             if len(groups) > 1:
                 log.info("%s: %s: its Hessian (%.1f MB float32) does not fit hessian_bytes=%d twice; GPTQ in %d column "
                          "groups (recipe.gptq_hessian_bytes)", self.name, target, 4 * n_in ** 2 / 1e6, self.budget,
@@ -289,10 +297,14 @@ class RoundGPTQ(FxquantPass):
         """The Hessian units in order, grouped so that each group's Hessians plus the largest one's
         extra copy fit the budget (a unit alone always does: `column_groups`)."""
         units = list(dict.fromkeys(u for w in weights for u in w.units))
+        # a weight rounded in column groups ends its chunk: later forwards see it rounded, and (in
+        # place) none runs its linear while its earlier groups' columns hold codes (a forward stops
+        # at its chunk's inputs). In place or not, the same chunks: the same codes.
+        ends = {w.units[-1] for w in weights if len(w.units) > 1}
         chunks: list[list[Unit]] = [[]]
         for u in units:
             sizes = [_unit_bytes(v) for v in chunks[-1] + [u]]
-            if chunks[-1] and sum(sizes) + max(sizes) > self.budget:
+            if chunks[-1] and (sum(sizes) + max(sizes) > self.budget or chunks[-1][-1] in ends):
                 chunks.append([])
             chunks[-1].append(u)
         return chunks
@@ -370,13 +382,26 @@ class RoundGPTQ(FxquantPass):
                 step, offset = (torch.from_numpy(v[:, a - a0:b - a0]).to(rows.device) for v in codecs.grid_values(g, qtype, b0 - a0))
                 round_col = _grid_round_col(step[:, perm], offset[:, perm], codecs.code_range(qtype))
                 return (gptq_rows(rows.float()[:, perm], hinv, round_col)[:, inv].to(torch.int8),)
-        codes = graph.weight_rows(gm, node, fn, slice_elems=ROW_SLICE, cols=(a, b))[0]
-        if w.codes is None:
-            w.codes = torch.empty(graph.root_weight(gm, node).shape, dtype=torch.int8, device=codes.device)
-        w.codes[:, a:b] = codes
-        del codes
+        if w.in_place:  # each slice's codes go into the columns just rounded (exact: small integers)
+            root, at = graph.root_weight(gm, node), 0
+
+            def into_columns(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                nonlocal at
+                q = fn(rows)[0]
+                root[at:at + q.shape[0], a:b] = q
+                at += q.shape[0]
+                return ()
+            graph.weight_rows(gm, node, into_columns, slice_elems=ROW_SLICE, cols=(a, b))
+        else:
+            codes = graph.weight_rows(gm, node, fn, slice_elems=ROW_SLICE, cols=(a, b))[0]
+            if w.codes is None:
+                w.codes = torch.empty(graph.root_weight(gm, node).shape, dtype=torch.int8, device=codes.device)
+            w.codes[:, a:b] = codes
+            del codes
         w.left -= 1
         if not w.left:
+            if w.in_place:
+                w.codes = _compact(graph.root_weight(gm, node))
             if w.scheme is Scheme.W8A8:
                 w.extra = w.extra[0]  # the row scales
             self._rewrite(gm, w)
@@ -417,6 +442,48 @@ class RoundGPTQ(FxquantPass):
                                 "encode back to their codes on the fixed grid")
             parts.append(torch.from_numpy(data))
         return torch.cat(parts).to(w.codes.device)
+
+
+def _sole_holder(gm: fx.GraphModule, nodes: list[fx.Node]) -> bool:
+    """Whether the float weight under ``nodes`` may take its codes in place: a contiguous CPU
+    parameter of >= 2 bytes per element that no other tensor, name or Python reference holds, read
+    by ``nodes`` alone (directly or through ``fxquant::scale_param`` folds)."""
+    root = graph.param_root(nodes[0].args[1])
+    if root.op != "get_attr" or sum(n.op == "get_attr" and n.target == root.target for n in gm.graph.nodes) != 1:
+        return False
+    todo = [root]
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u.op == "call_function" and u.target is graph.SCALE_PARAM and u.args[0] is n:
+                todo.append(u)
+            elif not (u in nodes and u.args[1] is n):
+                return False
+    t = graph.get_attr(gm, str(root.target))
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if not (isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_floating_point() and t.element_size() >= 2
+            and t.dim() == 2 and t.is_contiguous() and t.storage_offset() == 0 and use_count is not None
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size()):
+        return False
+    # references: the owning module's dict, ``t``, getrefcount's argument; the storage: ``t`` and
+    # the storage object asked
+    return sys.getrefcount(t) <= 3 and use_count(t.untyped_storage()._cdata) <= 2
+
+
+def _compact(w: torch.Tensor) -> torch.Tensor:
+    """The int8 codes [out, in] held as float values by ``w`` (`RoundGPTQ` ``in_place``), made in
+    ``w``'s own memory: row slices in order, each converted, then written over the bytes of rows
+    already read (slice i's bytes end at ``end * in`` <= where the rows after it start, ``end * in
+    * element_size``). The pages past the codes go back to the OS (`memory.release`), then the
+    codes are copied out: at most ``w``'s own bytes in use, never ``w`` and its codes side by side."""
+    out, n = w.shape
+    flat = w.detach().view(torch.int8).view(-1)
+    step = max(1, ROW_SLICE // n)
+    for i in range(0, out, step):
+        j = min(out, i + step)
+        flat[i * n:j * n] = w[i:j].to(torch.int8).reshape(-1)
+    memory.release(flat[out * n:])
+    return flat[:out * n].view(out, n).clone()
 
 
 class _Seen(Exception):

@@ -15,7 +15,9 @@ from fxquant.errors import CalibrationError, PassError
 from fxquant.graph import DEQUANTIZE_INT8, LINEAR
 from fxquant.ops.w8a8 import quantize_weight_per_channel
 from fxquant.passes.lower_w8a8 import LINEAR_W8A8, LowerW8A8
-from fxquant.passes.round_gptq import MIN_BUDGET, RoundGPTQ, column_groups, gptq_codes
+from fxquant.ownership import take_ownership
+from fxquant.passes import round_gptq
+from fxquant.passes.round_gptq import MIN_BUDGET, RoundGPTQ, _compact, column_groups, gptq_codes
 from fxquant.passes.select_schemes import SelectOptions, SelectSchemes
 from fxquant.recipe import LayerRule
 
@@ -247,3 +249,63 @@ def test_a_lowering_refuses_a_weight_rounded_for_another_scheme_and_names_the_li
     meta.update(fc1, selection=dataclasses.replace(meta.get(fc1).selection, scheme=Scheme.W8A8))
     with pytest.raises(PassError, match="lower_w8a8: linear 'fc1' is selected w8a8 but reads a weight rounded for another scheme"):
         LowerW8A8()(gm)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_compact_turns_a_weight_holding_codes_into_its_int8_codes(monkeypatch, dtype):
+    monkeypatch.setattr(round_gptq, "ROW_SLICE", 3 * 37)  # 3-row slices: each written over rows read before it
+    codes = torch.randint(-128, 128, (50, 37), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    got = _compact(codes.to(dtype))
+    assert got.dtype == torch.int8 and torch.equal(got, codes)
+    assert got.untyped_storage().nbytes() == codes.numel()  # its own memory, not the float weight's
+
+
+def _owned(hold_fc1=False):
+    m, gm = traced(TwoLinears(d=32, h=64).eval())
+    held = m.fc1.weight if hold_fc1 else None
+    take_ownership(m)  # compile(consume=True): the traced module holds the only reference
+    SelectSchemes(SelectOptions())(gm)
+    return gm, held
+
+
+def test_in_place_rounding_gives_the_same_codes_and_never_writes_a_weight_held_elsewhere(monkeypatch):
+    _, shared = traced(TwoLinears(d=32, h=64).eval())
+    SelectSchemes(SelectOptions())(shared)
+    RoundGPTQ(calib(), hessian_bytes=8 * 32 ** 2)(shared)  # fc2 in two column groups
+    compacted = []
+    monkeypatch.setattr(round_gptq, "_compact", lambda w: compacted.append(w.shape) or _compact(w))
+    gm, _ = _owned()
+    RoundGPTQ(calib(), hessian_bytes=8 * 32 ** 2, in_place=True)(gm)
+    assert compacted == [(64, 32), (32, 64)]
+    assert gm.state_dict().keys() == shared.state_dict().keys()
+    assert all(torch.equal(v, shared.state_dict()[k]) for k, v in gm.state_dict().items())
+    compacted.clear()
+    gm, held = _owned(hold_fc1=True)  # the caller kept fc1's weight: it is rounded the usual way
+    before = held.detach().clone()
+    RoundGPTQ(calib(), hessian_bytes=8 * 32 ** 2, in_place=True)(gm)
+    assert compacted == [(32, 64)] and torch.equal(held, before)
+    assert all(torch.equal(v, shared.state_dict()[k]) for k, v in gm.state_dict().items())
+
+
+def test_a_weight_rounded_in_column_groups_ends_its_chunk():
+    chunks = []
+
+    class Recording(RoundGPTQ):
+        def _hessians(self, gm, chunk):
+            chunks.append([(u[1], u[2]) for u in chunk])
+            return super()._hessians(gm, chunk)
+
+    class ThreeLinears(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc1, self.fc2, self.fc3 = (torch.nn.Linear(32, 32) for _ in range(3))
+
+        def forward(self, x):
+            return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+    _, gm = traced(ThreeLinears().eval())
+    SelectSchemes(SelectOptions())(gm)
+    Recording(calib(), hessian_bytes=4 * 4 * 16 ** 2)(gm)  # 16-column blocks; three and a copy fit one chunk
+    # fc1's two groups, then fc2's: the next weight's first group never shares a forward with them
+    assert chunks == [[(0, 16), (16, 32)]] * 3
