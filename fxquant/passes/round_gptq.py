@@ -36,7 +36,11 @@ spread within the group, not across groups: between whole GPTQ and round-to-near
 says how many groups (``rounding.groups``). Rounding works on a slice of the weight's rows at a
 time, of the group's columns only (rows are independent given the inverse Hessian; a narrow group
 gets proportionally more rows per slice, so fewer trips through GPTQ's column loop), and the
-weight's codes take one byte per weight, so nothing holds a second float copy of the model.
+weight's codes take one byte per weight, so nothing holds a second float copy of the model. A
+weight rounded in groups ends its chunk (the next chunk's forwards see it rounded). With
+``in_place`` (``compile(consume=True)``) a weight nothing else holds takes its own codes: they
+are written into its columns group by group, then it becomes its int8 codes in its own memory
+(`_compact`), so a weight and its codes never take memory side by side.
 """
 
 from __future__ import annotations
