@@ -12,7 +12,7 @@ the next slice of the same size cannot reuse (PyTorch allocates with ``posix_mem
 asks for more than the hole holds) once a small allocation sits right after it, so a loop over the
 59 slices of a 0.5 GB weight, or a forward's activations, grows RSS by their sum. ``made(n)``
 counts the bytes of temporaries a loop makes and trims each time they add up to ``TRIM_EVERY``:
-RSS then stays within about that much of what is live, for one trim per 64 MiB made (a few
+RSS then stays within about that much of what is live, for one trim per 16 MiB made (a few
 milliseconds each on a fragmented heap: a few percent of a forward at 256 tokens, far less at
 real sizes).
 """
@@ -28,7 +28,7 @@ from typing import Any, Optional
 import torch
 import torch.utils._pytree as pytree
 
-TRIM_EVERY = 64 << 20  # bytes of temporaries made between two trims (`made`)
+TRIM_EVERY = 16 << 20  # bytes of temporaries made between two trims (`made`)
 
 _trim: Optional[Any] = None
 _looked = False

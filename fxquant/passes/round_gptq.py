@@ -96,11 +96,13 @@ def prepare(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     return perm, h
 
 
-def gptq_rows(wp: torch.Tensor, hinv: torch.Tensor, round_col: RoundCol, block: int = 128) -> torch.Tensor:
+def gptq_rows(wp: torch.Tensor, hinv: torch.Tensor, round_col: RoundCol, block: int = 128,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """GPTQ's loop over ``wp`` [rows, n] (float32, columns already in the rounding order; written
     in place) against ``hinv`` (`prepare`); ``round_col(column, i)`` rounds the i-th column of that
-    order and returns (codes, their values). Returns float32 codes in that order."""
-    codes = torch.zeros_like(wp)
+    order and returns (codes, their values). Returns the codes in that order, as ``dtype`` (int8
+    holds every code exactly, in a quarter of the memory)."""
+    codes = torch.zeros(wp.shape, dtype=dtype, device=wp.device)
     n = wp.shape[1]
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
@@ -113,7 +115,7 @@ def gptq_rows(wp: torch.Tensor, hinv: torch.Tensor, round_col: RoundCol, block: 
             e = (col - value) / h1[i, i]
             w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
             err[:, i] = e
-        wp[:, i2:] -= err @ hinv[i1:i2, i2:]
+        wp[:, i2:].addmm_(err, hinv[i1:i2, i2:], alpha=-1)  # in place: no [rows, n] product
     return codes
 
 
@@ -368,8 +370,9 @@ class RoundGPTQ(FxquantPass):
                 nonlocal done
                 scale, col, code = (t[done:done + rows.shape[0]] for t in w.extra)
                 done += rows.shape[0]
-                q = gptq_rows(rows.float()[:, perm], hinv, _int8_round_col(scale, (col, code), perm, (a, b)))
-                return (q[:, inv].to(torch.int8),)
+                q = gptq_rows(rows[:, perm].float(), hinv, _int8_round_col(scale, (col, code), perm, (a, b)),
+                              dtype=torch.int8)
+                return (q[:, inv],)
         else:
             qtype = w.scheme.value
             if w.extra is None:  # the reference encoder's block headers, from the weight before rounding
@@ -385,7 +388,7 @@ class RoundGPTQ(FxquantPass):
                 done += rows.shape[0]
                 step, offset = (torch.from_numpy(v[:, a - a0:b - a0]).to(rows.device) for v in codecs.grid_values(g, qtype, b0 - a0))
                 round_col = _grid_round_col(step[:, perm], offset[:, perm], codecs.code_range(qtype))
-                return (gptq_rows(rows.float()[:, perm], hinv, round_col)[:, inv].to(torch.int8),)
+                return (gptq_rows(rows[:, perm].float(), hinv, round_col, dtype=torch.int8)[:, inv],)
         if w.in_place:  # each slice's codes go into the columns just rounded (exact: small integers)
             root, at = graph.root_weight(gm, node), 0
 
