@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import mmap
 import sys
 from typing import Any, Optional
@@ -30,28 +31,23 @@ import torch.utils._pytree as pytree
 
 TRIM_EVERY = 16 << 20  # bytes of temporaries made between two trims (`made`)
 
-_trim: Optional[Any] = None
-_looked = False
 _made = 0
 
 
-def _malloc_trim() -> Optional[Any]:
-    global _trim, _looked
-    if not _looked:
-        _looked = True
-        try:
-            fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_trim")
-        except (OSError, AttributeError):
-            fn = None
-        if fn is not None:
-            fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-        _trim = fn
-    return _trim
+@functools.lru_cache(maxsize=None)
+def _libc(name: str, argtypes: tuple, restype: Any = ctypes.c_int) -> Optional[Any]:
+    """The C library's function ``name`` (looked up once), or None where it has none."""
+    try:
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = list(argtypes), restype
+    return fn
 
 
 def trim() -> bool:
     """Return freed heap pages to the OS; True if the C library could (glibc's ``malloc_trim``)."""
-    fn = _malloc_trim()
+    fn = _libc("malloc_trim", (ctypes.c_size_t,))
     return bool(fn(0)) if fn is not None else False
 
 
@@ -69,26 +65,18 @@ def made(value: Any) -> None:
 
 
 MADV_DONTNEED = 4  # Linux: the pages read back as zeros; their memory goes back to the OS at once
-_madvise: Optional[Any] = None
 
 
 def release(t: torch.Tensor) -> int:
     """Give the whole pages inside ``t``'s bytes back to the OS (``madvise(MADV_DONTNEED)``): for a
     tail of a buffer whose contents are no longer needed, while the buffer itself must stay. The
     pages read as zeros afterwards. Returns the bytes released (0 off Linux, or for a non-CPU tensor)."""
-    global _madvise
-    if t.device.type != "cpu" or not t.is_contiguous():
+    if t.device.type != "cpu" or not t.is_contiguous() or not sys.platform.startswith("linux"):
         return 0
-    if _madvise is None:
-        try:
-            fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").madvise
-            fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-        except (OSError, AttributeError):
-            fn = False
-        _madvise = fn
+    fn = _libc("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int))
     page = mmap.PAGESIZE
     lo = -(-t.data_ptr() // page) * page
     hi = (t.data_ptr() + t.numel() * t.element_size()) // page * page
-    if not _madvise or hi <= lo or not sys.platform.startswith("linux"):
+    if fn is None or hi <= lo:
         return 0
-    return hi - lo if _madvise(lo, hi - lo, MADV_DONTNEED) == 0 else 0
+    return hi - lo if fn(lo, hi - lo, MADV_DONTNEED) == 0 else 0
