@@ -124,9 +124,15 @@ def child(args: argparse.Namespace) -> dict:
 
     original = FxquantPass.__call__
 
+    gptq = {}
+
     def named_call(self, gm):
         sampler.enter(PHASES.get(self.name, "lowering"))
-        return original(self, gm)
+        out = original(self, gm)
+        if self.name == "round_gptq":  # its own time, forwards and cache of settled values (fxquant.frontier)
+            gptq.update(seconds=self.seconds, forwards=self.forwards, from_cache=self.cached, nodes=self.computed,
+                        frontier_peak=self.frontier_peak, hessian_budget=self.budget)
+        return out
 
     FxquantPass.__call__ = named_call
     sampler.enter("trace")
@@ -148,7 +154,7 @@ def child(args: argparse.Namespace) -> dict:
     return dict(layers=args.layers, recipe=args.recipe, protect_by=str(getattr(recipe.protect_by, "value", "")), mode=args.mode, tokens=args.tokens, items=args.items,
                 params=nparams, input_bytes=input_bytes, output_bytes=output_bytes, baseline_rss=base,
                 peaks=peaks, compile_peak=compile_peak, warmup_rss=base - before_warmup if args.warmup else None, build_s=t_build, compile_s=t_compile,
-                s_per_billion=t_compile / (nparams / 1e9), counts=counts, loadavg=os.getloadavg())
+                s_per_billion=t_compile / (nparams / 1e9), counts=counts, loadavg=os.getloadavg(), gptq=gptq or None)
 
 
 def target(r: dict) -> tuple[float, bool]:

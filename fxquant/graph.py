@@ -337,7 +337,8 @@ class Watch(fx.Interpreter):
     fold chain, a ``fxquant::dequantize_*``) multiplies by a slice of its rows at a time
     (`linear_by_rows`), and the weight itself is never computed: after ``fold_smoothing`` a plain
     run makes a full copy of every folded weight as its linear runs (0.5 GB for Ideogram 4's
-    ``llm_cond_proj`` in bfloat16), then frees it.
+    ``llm_cond_proj`` in bfloat16), then frees it. Nodes in ``skip`` are not computed (their value
+    is None): `fxquant.frontier` runs only what the watched nodes need.
     """
 
     def __init__(self, gm: fx.GraphModule, nodes: set[fx.Node], on_value: Callable[[fx.Node, Any], None],
@@ -345,9 +346,10 @@ class Watch(fx.Interpreter):
         super().__init__(gm)
         self.nodes, self.on_value = nodes, on_value
         self.by_rows, self.skipped = _row_linears(gm) if by_rows else (set(), set())
+        self.skip: set[fx.Node] = set()
 
     def run_node(self, n: fx.Node) -> Any:
-        if n in self.skipped:
+        if n in self.skipped or n in self.skip:
             return None  # a weight computed by slices in the linear reading it
         if n in self.by_rows:
             args, kwargs = self.fetch_args_kwargs_from_env(n)

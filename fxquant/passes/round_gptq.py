@@ -28,8 +28,9 @@ one), are held at most ``hessian_bytes`` at a time, counting the one extra copy 
 makes (default: a twentieth of the module's float bytes, at least 64 MiB: half of the 10 % that
 `compile` may hold beyond the model and its output, the other half for the forwards' activations
 and the row slices). Inputs are processed in
-chunks whose Hessians fit; each chunk costs one forward pass per calibration input (stopped once
-the chunk's last input is seen: nothing after it adds to these Hessians), and each
+chunks whose Hessians fit; each chunk costs one forward pass per calibration input, which computes
+only what the chunk's inputs need and starts from the input's cached values that no weight still
+to be rounded can change (`fxquant.frontier`, within ``frontier_bytes``), and each
 Hessian is freed once the weights reading it are rounded. A weight whose own Hessian does not fit
 is rounded in column groups that do, each against its own diagonal block of ``H`` (the error is
 spread within the group, not across groups: between whole GPTQ and round-to-nearest); its record
@@ -56,7 +57,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .. import codecs, graph, memory, meta
+from .. import codecs, frontier, graph, memory, meta
 from ..errors import CalibrationError, PassError
 from ..ops.w8a8 import INT8_MAX, quantize_weight_per_channel
 from ..schemes import Scheme
@@ -66,6 +67,7 @@ log = logging.getLogger("fxquant")
 
 MIN_BUDGET = 64 << 20  # the least ``hessian_bytes`` the default takes, whatever the model's size
 BUDGET_DIVISOR = 20  # the default ``hessian_bytes``: the module's float bytes over this (5 %)
+FRONTIER_SHARE = 2  # the default cache of settled values (`fxquant.frontier`): the Hessian budget over this
 ROW_SLICE = 1 << 22  # float32 elements of a weight's rows rounded at once (16 MiB), and of activation rows
 RoundCol = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
@@ -219,6 +221,10 @@ class RoundGPTQ(FxquantPass):
             nothing else holds or reads gets its codes written into its own columns as they are
             rounded, and becomes its int8 codes in its own memory (`_compact`), so its codes and
             its float values never take memory side by side. Same codes.
+        frontier_bytes: memory for the calibration inputs' cached settled values, from which later
+            Hessian forwards start (`fxquant.frontier`); None (default): half the Hessian budget
+            (by default a fortieth of the model, from the forwards' half of the 10 %); 0: none
+            (every forward starts at the graph inputs). Same codes either way.
 
     Raises:
         PassError: no ``selection`` (run select_schemes first), GGUF codes that do not decode to
@@ -230,15 +236,19 @@ class RoundGPTQ(FxquantPass):
     name = "round_gptq"
 
     def __init__(self, calibration: Optional[Sequence[Any]], damp: float = 0.01, hessian_bytes: int = 0,
-                 in_place: bool = False) -> None:
+                 in_place: bool = False, frontier_bytes: Optional[int] = None) -> None:
         if not calibration:
             raise CalibrationError(f"{self.name}: needs at least one calibration input, got {calibration!r}")
         if not damp > 0:
             raise PassError(f"{self.name}: damp must be > 0, got {damp!r}")
         if isinstance(hessian_bytes, bool) or not isinstance(hessian_bytes, int) or hessian_bytes < 0:
             raise PassError(f"{self.name}: hessian_bytes must be an integer >= 0 (0: automatic), got {hessian_bytes!r}")
+        if frontier_bytes is not None and (isinstance(frontier_bytes, bool) or not isinstance(frontier_bytes, int)
+                                           or frontier_bytes < 0):
+            raise PassError(f"{self.name}: frontier_bytes must be an integer >= 0 or None (automatic), got {frontier_bytes!r}")
         self.calibration, self.damp, self.hessian_bytes, self.in_place = calibration, float(damp), hessian_bytes, in_place
-        self.forwards, self.seconds, self.budget = 0, 0.0, 0
+        self.frontier_bytes = frontier_bytes
+        self.forwards, self.seconds, self.budget, self.computed, self.cached, self.frontier_peak = 0, 0.0, 0, 0, 0, 0
 
     def requires(self, gm: fx.GraphModule) -> None:
         require_records(gm, self.name, "selection", before="select_schemes")
@@ -249,9 +259,13 @@ class RoundGPTQ(FxquantPass):
         weights = self._weights(gm)
         if not weights:
             return PassResult(gm, False)
-        self.forwards = 0
+        self.forwards, done = 0, set()
+        front = frontier.Frontier(gm, len(self.calibration),
+                                  self.budget // FRONTIER_SHARE if self.frontier_bytes is None else self.frontier_bytes)
         for chunk in self._chunks(weights):
-            hess = self._hessians(gm, chunk)
+            front.settle({n for w in weights if not set(w.units) <= done for n in w.nodes})
+            hess = self._hessians(gm, chunk, front)
+            done.update(chunk)
             for unit in chunk:
                 perm, hinv = prepare(hess.pop(unit), self.damp)
                 for w in weights:
@@ -261,8 +275,10 @@ class RoundGPTQ(FxquantPass):
                 memory.trim()
         graph.finalize(gm)
         self.seconds = time.perf_counter() - t0
-        log.info("%s: %d weights, %d forward passes in %.1f s (Hessians within %.1f MB)", self.name, len(weights),
-                 self.forwards, self.seconds, self.budget / 1e6)
+        self.computed, self.cached, self.frontier_peak = front.computed, front.started, front.peak
+        log.info("%s: %d weights, %d forward passes (%d from cached values, at most %.1f MB; %d nodes computed) in "
+                 "%.1f s (Hessians within %.1f MB)", self.name, len(weights), self.forwards, front.started,
+                 front.peak / 1e6, front.computed, self.seconds, self.budget / 1e6)
         return PassResult(gm, True)
 
     @staticmethod
@@ -315,19 +331,17 @@ class RoundGPTQ(FxquantPass):
             chunks[-1].append(u)
         return chunks
 
-    def _hessians(self, gm: fx.GraphModule, chunk: list[Unit]) -> dict[Unit, torch.Tensor]:
-        """X^T X of each unit over every calibration input (one forward each; the input's rows are
-        taken a slice at a time, so no float32 copy of a whole activation)."""
+    def _hessians(self, gm: fx.GraphModule, chunk: list[Unit], front: frontier.Frontier) -> dict[Unit, torch.Tensor]:
+        """X^T X of each unit over every calibration input (one forward each, from the input's
+        cached settled values where `fxquant.frontier` has them, and only as far as the chunk's
+        inputs; the input's rows are taken a slice at a time, so no float32 copy of a whole activation)."""
         hess: dict[Unit, torch.Tensor] = {}
         wanted: dict[fx.Node, list[Unit]] = {}
         for u in chunk:
             for x in u[0]:
                 wanted.setdefault(x, []).append(u)
 
-        seen: set[fx.Node] = set()
-
         def add(x_node: fx.Node, x: torch.Tensor) -> None:
-            seen.add(x_node)
             x2d = x.detach().reshape(-1, x.shape[-1])
             step = max(1, ROW_SLICE // x2d.shape[1])
             for r in range(0, x2d.shape[0], step):
@@ -338,17 +352,11 @@ class RoundGPTQ(FxquantPass):
                         hess[u].addmm_(part.T, part)  # in place: no second matrix per call
                     else:
                         hess[u] = part.T @ part
-            if len(seen) == len(wanted):
-                raise _Seen  # the rest of the forward adds nothing to these Hessians
 
         watch = graph.Watch(gm, set(wanted), add, by_rows=True)  # no copy of a folded or rounded weight
         for i, ex in enumerate(self.calibration):
-            seen.clear()
-            try:
-                with torch.no_grad():
-                    watch.run(*graph.graph_inputs(gm, ex, f"calibration[{i}]", self.name))
-            except _Seen:
-                watch.env.clear()  # the activations still held when it stopped
+            with torch.no_grad():
+                front.run(watch, i, graph.graph_inputs(gm, ex, f"calibration[{i}]", self.name), set(wanted), add)
             self.forwards += 1
         return hess
 
@@ -491,10 +499,6 @@ def _compact(w: torch.Tensor) -> torch.Tensor:
         flat[i * n:j * n] = w[i:j].to(torch.int8).reshape(-1)
     memory.release(flat[out * n:])
     return flat[:out * n].view(out, n).clone()
-
-
-class _Seen(Exception):
-    """Ends a Hessian forward early: every input of the chunk has been seen."""
 
 
 def _unit_bytes(u: Unit) -> int:

@@ -214,8 +214,8 @@ def test_the_hessians_held_at_once_and_the_inversion_copy_fit_the_budget():
     held = []
 
     class Counting(RoundGPTQ):
-        def _hessians(self, gm, chunk):
-            hess = super()._hessians(gm, chunk)
+        def _hessians(self, gm, chunk, front):
+            hess = super()._hessians(gm, chunk, front)
             sizes = [h.numel() * h.element_size() for h in hess.values()]
             held.append(sum(sizes) + max(sizes))
             return hess
@@ -291,9 +291,9 @@ def test_a_weight_rounded_in_column_groups_ends_its_chunk():
     chunks = []
 
     class Recording(RoundGPTQ):
-        def _hessians(self, gm, chunk):
+        def _hessians(self, gm, chunk, front):
             chunks.append([(u[1], u[2]) for u in chunk])
-            return super()._hessians(gm, chunk)
+            return super()._hessians(gm, chunk, front)
 
     class ThreeLinears(torch.nn.Module):
         def __init__(self):
