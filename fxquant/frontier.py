@@ -55,7 +55,7 @@ class Frontier:
         self.cache: list[Optional[dict[fx.Node, Any]]] = [None] * items
         self.sizes = [0] * items
         self.settled: set[fx.Node] = set()
-        self.computed = 0  # nodes the forwards computed, all together
+        self.computed = 0  # call nodes the forwards computed, all together
         self.started = 0  # forwards that started from a cache
         self.peak = 0  # the most the caches held at once (bytes)
 
@@ -108,7 +108,7 @@ class Frontier:
         watch.nodes, watch.on_value = record | wanted, value
         watch.skip = {n for n in self.gm.graph.nodes if n.op.startswith("call") and n not in need and n not in have}
         self.cache[i], self.sizes[i] = None, 0  # until this forward ends well
-        self.computed += len(need)
+        self.computed += sum(n.op.startswith("call") for n in need)
         try:
             if have:
                 self.started += 1

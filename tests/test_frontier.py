@@ -1,0 +1,137 @@
+"""fxquant.frontier: GPTQ's Hessian forwards compute only what their chunk's inputs need and start
+from each calibration input's cached settled values; the values (and so the codes) are the ones a
+whole forward gives.
+
+    c -> rmsnorm -> proj --+
+    x -> fc1 -> relu ------+-> h -> (+ fc2(relu h)) -> g -> fc3
+"""
+
+import copy
+
+import pytest
+import torch
+
+from fxquant import graph, meta
+from fxquant.errors import PassError
+from fxquant.frontier import Frontier
+from fxquant.passes.round_gptq import RoundGPTQ
+from fxquant.passes.select_schemes import SelectOptions, SelectSchemes
+
+from .passes.util import traced
+
+
+class TwoPaths(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj, self.fc1, self.fc2, self.fc3 = (torch.nn.Linear(i, 32) for i in (48, 32, 32, 32))
+
+    def forward(self, x, c):
+        t = self.proj(c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + 1e-6))
+        h = torch.relu(self.fc1(x)) + t
+        g = h + self.fc2(torch.relu(h))
+        return self.fc3(torch.relu(g))
+
+
+def setup(items=3):
+    gen = torch.Generator().manual_seed(1)
+    cal = [(torch.randn(2, 5, 32, generator=gen), torch.randn(2, 5, 48, generator=gen)) for _ in range(items)]
+    m = TwoPaths().eval()
+    gm = graph_of(m, cal[0])
+    return m, gm, cal
+
+
+def graph_of(m, example):
+    from fxquant.passes.find_linears import FindLinears
+    from fxquant.trace import trace
+
+    gm = trace(m, example)
+    FindLinears()(gm)
+    return gm
+
+
+def linear(gm, name):
+    return next(n for n, r in meta.records(gm) if r.name == name)
+
+
+@pytest.mark.parametrize("hessian_bytes,chunks", [
+    (8 * 32 ** 2, 4),  # one linear a chunk: proj (its 2 column groups), fc1, fc2, fc3
+    (12 * 48 ** 2, 2),  # proj, fc1 and fc2 in one chunk (its forwards run fc1 unrounded), then fc3
+])
+def test_the_codes_are_the_same_with_and_without_the_cache_and_cached_forwards_compute_less(hessian_bytes, chunks):
+    m, gm, cal = setup()
+    SelectSchemes(SelectOptions())(gm)
+    runs = {}
+    for fb in (0, 1 << 20):
+        g = copy.deepcopy(gm)
+        p = RoundGPTQ(cal, hessian_bytes=hessian_bytes, frontier_bytes=fb)
+        p(g)
+        runs[fb] = (p, g.state_dict(), g(*cal[0]))
+    (p0, sd0, y0), (p1, sd1, y1) = runs[0], runs[1 << 20]
+    assert sd0.keys() == sd1.keys() and all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+    assert torch.equal(y0, y1)
+    assert p0.forwards == p1.forwards == chunks * len(cal)
+    assert p0.cached == 0 and p1.cached > 0 and p1.frontier_peak > 0
+    assert p1.computed < p0.computed
+
+
+def test_a_forward_runs_only_what_its_inputs_need_and_caches_what_later_forwards_read():
+    m, gm, cal = setup(items=1)
+    fc1, fc2, fc3, proj = (linear(gm, n) for n in ("fc1", "fc2", "fc3", "proj"))
+    front = Frontier(gm, 1, budget=1 << 20)
+    watch = graph.Watch(gm, set(), None, by_rows=True)
+    args = graph.graph_inputs(gm, cal[0], "calibration[0]", "test")
+    got = {}
+    x, c = cal[0]
+
+    front.settle({fc1, fc2, fc3, proj})  # nothing rounded: only the norm of c is settled
+    front.run(watch, 0, args, {fc1.args[0]}, got.__setitem__)
+    assert front.computed == 0  # x goes to fc1 as it is: the text path is not run
+    assert front.cache[0] is None  # no settled value computed
+
+    front.settle({fc2, fc3})  # proj and fc1 rounded (here: left as they are)
+    front.run(watch, 0, args, {fc2.args[0]}, got.__setitem__)
+    with torch.no_grad():
+        h = torch.relu(m.fc1(x)) + m.proj(c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + 1e-6))
+    assert torch.allclose(got[fc2.args[0]], torch.relu(h))
+    cached = list(front.cache[0].values())  # h (read by fc2's path and by g) and relu(h) (fc2's input)
+    assert len(cached) == 2 and torch.allclose(cached[0], h) and torch.equal(cached[1], torch.relu(cached[0]))
+    assert front.bytes() == 2 * h.numel() * 4
+    before = front.computed
+
+    front.settle({fc3})
+    front.run(watch, 0, args, {fc3.args[0]}, got.__setitem__)
+    with torch.no_grad():
+        want = torch.relu(h + m.fc2(torch.relu(h)))
+    assert front.started == 1 and torch.equal(got[fc3.args[0]], want)
+    assert front.computed - before == 3  # fc2, add, relu: from h and relu(h), not from the inputs
+    assert [torch.equal(v, got[fc3.args[0]]) for v in front.cache[0].values()] == [True]  # now fc3's input alone
+
+
+def test_an_input_whose_cache_does_not_fit_runs_from_its_graph_inputs():
+    m, gm, cal = setup(items=2)
+    fc2, fc3 = linear(gm, "fc2"), linear(gm, "fc3")
+    one = 2 * (2 * 5 * 32 * 4)  # h and relu(h)
+    front = Frontier(gm, 2, budget=one)  # one input's cache fits, not two
+    watch = graph.Watch(gm, set(), None, by_rows=True)
+    front.settle({fc2, fc3})
+    seen = []
+    for i, ex in enumerate(cal):
+        front.run(watch, i, graph.graph_inputs(gm, ex, "c", "test"), {fc2.args[0]}, lambda n, v: seen.append(v))
+    assert front.cache[0] is not None and front.cache[1] is None and front.bytes() == one
+    front.settle({fc3})
+    vals = []
+    for i, ex in enumerate(cal):
+        front.run(watch, i, graph.graph_inputs(gm, ex, "c", "test"), {fc3.args[0]}, lambda n, v: vals.append(v))
+    assert front.started == 1  # input 1 ran from x and c
+    with torch.no_grad():
+        for (x, c), v in zip(cal, vals):
+            h = torch.relu(m.fc1(x)) + m.proj(c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + 1e-6))
+            assert torch.allclose(v, torch.relu(h + m.fc2(torch.relu(h))))
+
+
+def test_frontier_bytes_must_be_a_non_negative_integer():
+    _, gm = traced()
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(PassError, match="round_gptq: frontier_bytes must be an integer >= 0 or None"):
+            RoundGPTQ([(torch.randn(2, 5, 32),)], frontier_bytes=bad)
