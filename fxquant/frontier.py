@@ -14,10 +14,12 @@ computes only what its chunk's inputs need and no cached value gives::
 
 So GPTQ's forwards cost the layers between two chunks instead of the model up to each chunk
 (linear in depth, not quadratic), and a late forward no longer starts with the text path's
-float32 norm of the 53248-wide LLM features. An input whose cache does not fit the budget (all
-inputs' caches together, the one being rebuilt counted with its old one) has none and is run from
-its graph inputs; its values are the same either way. Values that are views of the graph's own
-inputs cost nothing (the calibration inputs hold that memory anyway); other storages count whole.
+float32 norm of the 53248-wide LLM features. The caches of all inputs together stay within a
+byte budget, the one being renewed counted with its old one; an input whose renewed cache does
+not fit keeps its old one (settled values stay right: its next forward starts further back), and
+one that never had a cache that fits runs from its graph inputs. The values are the same either
+way. Values that are views of the graph's own inputs cost nothing (the calibration inputs hold
+that memory anyway); other storages count whole.
 """
 
 from __future__ import annotations
@@ -94,10 +96,12 @@ class Frontier:
             if fits and n in record:
                 new[n] = v
                 held.update(_storages([v], own))
-                self.peak = max(self.peak, others + sum(held.values()))
-                if self.peak > self.budget:
+                total = others + sum(held.values())
+                if total > self.budget:
                     fits = False
                     new.clear()
+                else:
+                    self.peak = max(self.peak, total)
             if n in wanted:
                 on_value(n, v)
                 seen.add(n)
@@ -107,7 +111,6 @@ class Frontier:
         nodes, callback, skip = watch.nodes, watch.on_value, watch.skip
         watch.nodes, watch.on_value = record | wanted, value
         watch.skip = {n for n in self.gm.graph.nodes if n.op.startswith("call") and n not in need and n not in have}
-        self.cache[i], self.sizes[i] = None, 0  # until this forward ends well
         self.computed += sum(n.op.startswith("call") for n in need)
         try:
             if have:
@@ -123,8 +126,9 @@ class Frontier:
         finally:
             watch.env = {}  # the activations still held when it stopped
             watch.nodes, watch.on_value, watch.skip = nodes, callback, skip
-        if fits and new:
-            self.cache[i], self.sizes[i] = new, sum(_storages(list(new.values()), own).values())
+        if fits:
+            self.cache[i], self.sizes[i] = new or None, sum(_storages(list(new.values()), own).values())
+        # else it keeps its old cache: settled values stay right, and it fitted
 
     def bytes(self) -> int:
         """What the caches hold now."""

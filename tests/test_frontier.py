@@ -108,26 +108,46 @@ def test_a_forward_runs_only_what_its_inputs_need_and_caches_what_later_forwards
     assert [torch.equal(v, got[fc3.args[0]]) for v in front.cache[0].values()] == [True]  # now fc3's input alone
 
 
-def test_an_input_whose_cache_does_not_fit_runs_from_its_graph_inputs():
-    m, gm, cal = setup(items=2)
-    fc2, fc3 = linear(gm, "fc2"), linear(gm, "fc3")
-    one = 2 * (2 * 5 * 32 * 4)  # h and relu(h)
-    front = Frontier(gm, 2, budget=one)  # one input's cache fits, not two
-    watch = graph.Watch(gm, set(), None, by_rows=True)
-    front.settle({fc2, fc3})
-    seen = []
-    for i, ex in enumerate(cal):
-        front.run(watch, i, graph.graph_inputs(gm, ex, "c", "test"), {fc2.args[0]}, lambda n, v: seen.append(v))
-    assert front.cache[0] is not None and front.cache[1] is None and front.bytes() == one
-    front.settle({fc3})
-    vals = []
-    for i, ex in enumerate(cal):
-        front.run(watch, i, graph.graph_inputs(gm, ex, "c", "test"), {fc3.args[0]}, lambda n, v: vals.append(v))
-    assert front.started == 1  # input 1 ran from x and c
+def reference(m, x, c):
+    """(proj's input, h, fc3's input) of TwoPaths, computed by hand."""
     with torch.no_grad():
-        for (x, c), v in zip(cal, vals):
-            h = torch.relu(m.fc1(x)) + m.proj(c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + 1e-6))
-            assert torch.allclose(v, torch.relu(h + m.fc2(torch.relu(h))))
+        s = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + 1e-6)
+        h = torch.relu(m.fc1(x)) + m.proj(s)
+        return s, h, torch.relu(h + m.fc2(torch.relu(h)))
+
+
+def test_an_input_whose_renewed_cache_does_not_fit_keeps_its_old_one_or_runs_from_its_graph_inputs():
+    m, gm, cal = setup(items=2)
+    proj, fc1, fc2, fc3 = (linear(gm, n) for n in ("proj", "fc1", "fc2", "fc3"))
+    s_bytes, h_bytes = 2 * 5 * 48 * 4, 2 * 5 * 32 * 4
+    front = Frontier(gm, 2, budget=2 * s_bytes + 2 * h_bytes)  # input 0 renews (old + new), input 1 cannot
+    watch = graph.Watch(gm, set(), None, by_rows=True)
+    args = [graph.graph_inputs(gm, ex, "c", "test") for ex in cal]
+
+    def forward(pending, wanted):
+        front.settle(pending)
+        got = []
+        for i in range(2):
+            front.run(watch, i, args[i], {wanted.args[0]}, lambda n, v: got.append(v))
+        return got
+
+    forward({proj, fc1, fc2, fc3}, proj)  # each caches proj's input s
+    assert [list(c.values())[0].shape[-1] for c in front.cache] == [48, 48] and front.bytes() == 2 * s_bytes
+    forward({fc2, fc3}, fc2)  # renewed: h and relu(h)
+    assert len(front.cache[0]) == 2 and front.sizes[0] == 2 * h_bytes
+    assert len(front.cache[1]) == 1 and front.sizes[1] == s_bytes  # kept s: the renewal did not fit
+    got = forward({fc3}, fc3)
+    assert front.started == 4  # every forward after the first round started from a cache
+    for (x, c), v in zip(cal, got):
+        assert torch.allclose(v, reference(m, x, c)[2], atol=1e-6)
+
+    front = Frontier(gm, 2, budget=s_bytes)  # one input's s fits, not two
+    forward({proj, fc1, fc2, fc3}, proj)
+    assert front.cache[0] is not None and front.cache[1] is None
+    got = forward({fc3}, fc3)
+    assert front.started == 1  # input 1 ran from x and c
+    for (x, c), v in zip(cal, got):
+        assert torch.allclose(v, reference(m, x, c)[2], atol=1e-6)
 
 
 def test_frontier_bytes_must_be_a_non_negative_integer():
