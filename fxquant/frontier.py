@@ -31,6 +31,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from . import graph
+from .errors import PassError
 
 
 class _Done(Exception):
@@ -71,7 +72,8 @@ class Frontier:
         nodes = set(self.gm.graph.nodes)
         settled = nodes - moving
         if not self.settled & nodes <= settled:  # (a rewritten weight's old nodes have left the graph)
-            raise ValueError("frontier: a settled node has become pending again; settled values only grow")
+            raise PassError("frontier: a node settled before reads a weight still to be rounded; a rounded weight "
+                            "must stay rounded (cached values would be stale)")
         self.settled = settled
 
     def run(self, watch: graph.Watch, i: int, args: list[Any], wanted: set[fx.Node],

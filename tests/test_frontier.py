@@ -155,3 +155,12 @@ def test_frontier_bytes_must_be_a_non_negative_integer():
     for bad in (-1, 1.5, True, "1"):
         with pytest.raises(PassError, match="round_gptq: frontier_bytes must be an integer >= 0 or None"):
             RoundGPTQ([(torch.randn(2, 5, 32),)], frontier_bytes=bad)
+
+
+def test_a_weight_that_becomes_pending_again_is_refused():
+    _, gm, _ = setup(items=1)
+    fc1, fc2, fc3 = (linear(gm, n) for n in ("fc1", "fc2", "fc3"))
+    front = Frontier(gm, 1, budget=1 << 20)
+    front.settle({fc2, fc3})
+    with pytest.raises(PassError, match="frontier: a node settled before reads a weight still to be rounded"):
+        front.settle({fc1, fc2, fc3})
