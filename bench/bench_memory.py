@@ -183,6 +183,9 @@ def extrapolate(rows: list[dict], layers: int = 34) -> list[dict]:
                    output_bytes=lin("output_bytes"), compile_peak=lin("compile_peak"),
                    peaks={p: lin("peaks", p) for p in COLUMNS if p in a["peaks"] and p in b["peaks"]},
                    s_per_billion=lin("compile_s") / (lin("params") / 1e9), extrapolated=True)
+        # the peak may move between phases from 2 to 4 layers: the extrapolated peak is the largest
+        # of the extrapolated phase peaks, not the line through two peaks of different phases
+        est["compile_peak"] = max(est["compile_peak"], *est["peaks"].values())
         out.append(est)
     return out
 
