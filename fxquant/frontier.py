@@ -12,9 +12,10 @@ computes only what its chunk's inputs need and no cached value gives::
     chunk 3 (layer 0 qkv):  [norm] -> llm_cond_proj -> ... -> layer 0 qkv input  -> [cached: text tokens, ...]
     chunk 9 (layer 1 ...):  [residual stream after layer 0, modulation, rope]  -> layer 1 ...
 
-So GPTQ's forwards cost the layers between two chunks instead of the model up to each chunk
-(linear in depth, not quadratic), and a late forward no longer starts with the text path's
-float32 norm of the 53248-wide LLM features. The caches of all inputs together stay within a
+When every input's cache fits, GPTQ's forwards cost the layers between two chunks instead of the
+model up to each chunk (linear in depth, not quadratic; docs/memory.md has the counts and where,
+at real width, the default budget falls short), and a late forward no longer starts with the text
+path's float32 norm of the 53248-wide LLM features. The caches of all inputs together stay within a
 byte budget, the one being renewed counted with its old one; an input whose renewed cache does
 not fit keeps its old one (settled values stay right: its next forward starts further back), and
 one that never had a cache that fits runs from its graph inputs. The values are the same either
@@ -58,6 +59,7 @@ class Frontier:
         self.cache: list[Optional[dict[fx.Node, Any]]] = [None] * items
         self.sizes = [0] * items
         self.settled: set[fx.Node] = set()
+        self.cacheable: set[fx.Node] = set()  # settled call nodes computed from a graph input
         self.computed = 0  # call nodes the forwards computed, all together
         self.started = 0  # forwards that started from a cache
         self.peak = 0  # the most the caches held at once (bytes)
@@ -74,7 +76,7 @@ class Frontier:
         if not self.settled & nodes <= settled:  # (a rewritten weight's old nodes have left the graph)
             raise PassError("frontier: a node settled before reads a weight still to be rounded; a rounded weight "
                             "must stay rounded (cached values would be stale)")
-        self.settled = settled
+        self.settled, self.cacheable = settled, self.live & settled
 
     def run(self, watch: graph.Watch, i: int, args: list[Any], wanted: set[fx.Node],
             on_value: Callable[[fx.Node, Any], None]) -> None:
@@ -83,7 +85,7 @@ class Frontier:
         input's cache is used and renewed."""
         have = self.cache[i] or {}
         need = _needed(wanted, have)
-        users_outside = {n for n in self.live & self.settled
+        users_outside = {n for n in self.cacheable
                          if any(u not in self.settled or (u not in need and u not in have) for u in n.users)}
         record = need & users_outside
         new = {n: v for n, v in have.items() if n in users_outside}

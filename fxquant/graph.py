@@ -350,7 +350,7 @@ class Watch(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         if n in self.skipped or n in self.skip:
-            return None  # a weight computed by slices in the linear reading it
+            return None  # a weight computed by slices in the linear reading it, or a node nothing watched needs
         if n in self.by_rows:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             out = linear_by_rows(self.module, n, args[0], args[2] if len(args) > 2 else kwargs.get("bias"))
