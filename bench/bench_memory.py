@@ -10,7 +10,8 @@ calibration inputs of ``--tokens`` tokens (batch 1), then call the real ``fxquan
 (top-k protection ranked by fragility unless ``--protect-by`` says otherwise: ranking by
 sensitivity runs 1 + L forwards of the model, which is time, not a different memory pattern).
 A sampling thread reads the process RSS every millisecond; the phase it is charged to is the pass
-running (each pass's ``__call__`` is wrapped to name itself):
+running (each pass's ``__call__`` is wrapped to name itself), and ``peak_at`` in the JSON says where
+in fxquant the main thread was at each phase's peak (innermost frames first):
 
     trace      torch.export until the first pass
     stats      find_linears, collect_stats, score_fragility, score_sensitivity, select_schemes
@@ -54,22 +55,40 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _where(frame, depth: int = 3) -> str:
+    """The innermost ``depth`` fxquant frames of a stack, innermost first ("file.py:line function")."""
+    out = []
+    while frame is not None and len(out) < depth:
+        code = frame.f_code
+        if "fxquant" in code.co_filename.replace("\\", "/").split("/site-packages/")[-1]:
+            out.append(f"{Path(code.co_filename).name}:{frame.f_lineno} {code.co_name}")
+        frame = frame.f_back
+    return " < ".join(out)
+
+
 class Sampler(threading.Thread):
+    """Per phase: the peak RSS and where the main thread was when it was sampled (``peak_at``)."""
+
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.phase, self.peaks, self.stop = "setup", {}, False
+        self.phase, self.peaks, self.where, self.stop = "setup", {}, {}, False
+        self.main = threading.get_ident()
+
+    def _sample(self) -> None:
+        r = _rss()
+        if r > self.peaks.get(self.phase, 0):
+            self.peaks[self.phase] = r
+            self.where[self.phase] = _where(sys._current_frames().get(self.main))
 
     def run(self) -> None:
         while not self.stop:
-            r = _rss()
-            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), r)
+            self._sample()
             time.sleep(0.001)
 
     def enter(self, phase: str) -> None:
-        r = _rss()
-        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), r)
+        self._sample()
         self.phase = phase
-        self.peaks[phase] = max(self.peaks.get(phase, 0), r)
+        self._sample()
 
 
 def build(layers: int, seed: int = 0):
@@ -153,7 +172,7 @@ def child(args: argparse.Namespace) -> dict:
     compile_peak = max(peaks.get(p, 0) for p in COLUMNS)
     return dict(layers=args.layers, recipe=args.recipe, protect_by=str(getattr(recipe.protect_by, "value", "")), mode=args.mode, tokens=args.tokens, items=args.items,
                 params=nparams, input_bytes=input_bytes, output_bytes=output_bytes, baseline_rss=base,
-                peaks=peaks, compile_peak=compile_peak, warmup_rss=base - before_warmup if args.warmup else None, build_s=t_build, compile_s=t_compile,
+                peaks=peaks, peak_at=sampler.where, compile_peak=compile_peak, warmup_rss=base - before_warmup if args.warmup else None, build_s=t_build, compile_s=t_compile,
                 s_per_billion=t_compile / (nparams / 1e9), counts=counts, loadavg=os.getloadavg(), gptq=gptq or None)
 
 
@@ -235,7 +254,10 @@ def main() -> None:
                 cmd += [] if args.warmup else ["--no-warmup"]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True)
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-                print(f"  measured {layers} layers {recipe} {mode}: peak {rows[-1]['compile_peak'] / 1e9:.2f} GB", file=sys.stderr)
+                r = rows[-1]
+                phase = max(COLUMNS, key=lambda k: r["peaks"].get(k, 0))
+                print(f"  measured {layers} layers {recipe} {mode}: peak {r['compile_peak'] / 1e9:.2f} GB in {phase}, at "
+                      f"{r['peak_at'].get(phase, '?')}", file=sys.stderr)
     rows += extrapolate(rows)
     for r in rows:
         r["target_bytes"], r["target_met"] = target(r)

@@ -68,7 +68,8 @@ log = logging.getLogger("fxquant")
 MIN_BUDGET = 64 << 20  # the least ``hessian_bytes`` the default takes, whatever the model's size
 BUDGET_DIVISOR = 20  # the default ``hessian_bytes``: the module's float bytes over this (5 %)
 FRONTIER_SHARE = 2  # the default cache of settled values (`fxquant.frontier`): the Hessian budget over this
-ROW_SLICE = 1 << 22  # float32 elements of a weight's rows rounded at once (16 MiB), and of activation rows
+ROW_SLICE = 1 << 22  # float32 elements of activation rows added to a Hessian at once (16 MiB)
+ROUND_SLICE = 1 << 21  # elements of a weight's rows rounded, encoded or compacted at once (8 MiB as float32)
 RoundCol = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -397,22 +398,24 @@ class RoundGPTQ(FxquantPass):
                 step, offset = (torch.from_numpy(v[:, a - a0:b - a0]).to(rows.device) for v in codecs.grid_values(g, qtype, b0 - a0))
                 round_col = _grid_round_col(step[:, perm], offset[:, perm], codecs.code_range(qtype))
                 return (gptq_rows(rows[:, perm].float(), hinv, round_col, dtype=torch.int8)[:, inv],)
-        if w.in_place:  # each slice's codes go into the columns just rounded (exact: small integers)
-            root, at = graph.root_weight(gm, node), 0
-
-            def into_columns(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-                nonlocal at
-                q = fn(rows)[0]
-                root[at:at + q.shape[0], a:b] = q
-                at += q.shape[0]
-                return ()
-            graph.weight_rows(gm, node, into_columns, slice_elems=ROW_SLICE, cols=(a, b))
+        # each slice's codes go straight into the columns just rounded: into the float weight itself
+        # (in place; exact: small integers) or into the weight's int8 codes, never a group-sized copy
+        if w.in_place:
+            dest = graph.root_weight(gm, node)
         else:
-            codes = graph.weight_rows(gm, node, fn, slice_elems=ROW_SLICE, cols=(a, b))[0]
             if w.codes is None:
-                w.codes = torch.empty(graph.root_weight(gm, node).shape, dtype=torch.int8, device=codes.device)
-            w.codes[:, a:b] = codes
-            del codes
+                root = graph.root_weight(gm, node)
+                w.codes = torch.empty(root.shape, dtype=torch.int8, device=root.device)
+            dest = w.codes
+        at = 0
+
+        def into_columns(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            nonlocal at
+            q = fn(rows)[0]
+            dest[at:at + q.shape[0], a:b] = q
+            at += q.shape[0]
+            return ()
+        graph.weight_rows(gm, node, into_columns, slice_elems=ROUND_SLICE, cols=(a, b))
         w.left -= 1
         if not w.left:
             if w.in_place:
@@ -445,7 +448,7 @@ class RoundGPTQ(FxquantPass):
         checked to decode to the values ``step * q - offset`` bit for bit."""
         out, cols = w.codes.shape
         parts = []
-        step_rows = max(1, ROW_SLICE // cols)
+        step_rows = max(1, ROUND_SLICE // cols)
         for i in range(0, out, step_rows):
             g = w.extra[i:i + step_rows].numpy()
             step, offset = codecs.grid_values(g, qtype, cols)
@@ -493,7 +496,7 @@ def _compact(w: torch.Tensor) -> torch.Tensor:
     codes are copied out: at most ``w``'s own bytes in use, never ``w`` and its codes side by side."""
     out, n = w.shape
     flat = w.detach().view(torch.int8).view(-1)
-    step = max(1, ROW_SLICE // n)
+    step = max(1, ROUND_SLICE // n)
     for i in range(0, out, step):
         j = min(out, i + step)
         flat[i * n:j * n] = w[i:j].to(torch.int8).reshape(-1)

@@ -309,3 +309,25 @@ def test_a_weight_rounded_in_column_groups_ends_its_chunk():
     Recording(calib(), hessian_bytes=4 * 4 * 16 ** 2)(gm)  # 16-column blocks; three and a copy fit one chunk
     # fc1's two groups, then fc2's: the next weight's first group never shares a forward with them
     assert chunks == [[(0, 16), (16, 32)]] * 3
+
+
+def test_each_row_slice_codes_go_straight_into_the_weights_codes(monkeypatch):
+    _, whole = traced(TwoLinears(d=32, h=64).eval())
+    SelectSchemes(SelectOptions())(whole)
+    RoundGPTQ(calib(), hessian_bytes=8 * 32 ** 2)(whole)  # fc2 in two column groups
+    calls, weight_rows = [], graph.weight_rows
+
+    def recording(gm, node, fn, slice_elems=1 << 22, cols=None):
+        out = weight_rows(gm, node, fn, slice_elems, cols)
+        if cols is not None:
+            calls.append((slice_elems, [t.numel() for t in out]))
+        return out
+
+    monkeypatch.setattr(graph, "weight_rows", recording)
+    monkeypatch.setattr(round_gptq, "ROUND_SLICE", 8 * 32)  # 8 rows of a 32-wide group, 16 of a 16-wide one
+    _, gm = traced(TwoLinears(d=32, h=64).eval())
+    SelectSchemes(SelectOptions())(gm)
+    RoundGPTQ(calib(), hessian_bytes=8 * 32 ** 2)(gm)
+    # fc1 in one group, fc2 in two: each sliced, and no group's codes assembled beside the weight's
+    assert calls == [(8 * 32, [])] * 3
+    assert all(torch.equal(v, whole.state_dict()[k]) for k, v in gm.state_dict().items())  # rows are independent
