@@ -25,7 +25,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from .errors import CalibrationError
+from .errors import CalibrationError, is_int
 
 TIMESTEP_NAMES = ("timestep", "timesteps", "t")
 
@@ -184,9 +184,9 @@ class record_inputs:  # noqa: N801 - used as a context manager, reads like a fun
     def __init__(self, module: torch.nn.Module, max_items: int = 64, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if not isinstance(module, torch.nn.Module):
             raise CalibrationError(f"record_inputs: expected an nn.Module, got {type(module).__name__}")
-        if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 1:
+        if not is_int(max_items, 1):
             raise CalibrationError(f"record_inputs: max_items must be an integer >= 1, got {max_items!r}")
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        if not is_int(max_bytes, 1):
             raise CalibrationError(f"record_inputs: max_bytes must be an integer >= 1, got {max_bytes!r}")
         self.recorder = Recorder(module, max_items, max_bytes)
         self._handle: Any = None

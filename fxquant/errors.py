@@ -17,6 +17,16 @@ def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
+def is_int(v: object, low: int = 0) -> bool:
+    """Whether ``v`` is an integer >= ``low`` (a bool is not), for argument checks."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def is_fraction(v: object) -> bool:
+    """Whether ``v`` is a number in [0, 1] (a bool is not), for argument checks."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
+
+
 class RecipeError(FxquantError, ValueError):
     """A recipe has an unknown key, a bad value, or a rule that matches no layer."""
 

@@ -34,7 +34,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from .calibrate import Recorder, timestep_of
-from .errors import CalibrationError
+from .errors import CalibrationError, is_int
 from .stats import RunningStats
 
 SAMPLE_CALLS = 8  # calls a sample is spread over before it thins out (see `Observed._sample`)
@@ -178,7 +178,7 @@ class observe:  # noqa: N801 - used as a context manager, reads like a function
         if not isinstance(module, torch.nn.Module):
             raise CalibrationError(f"observe: expected an nn.Module, got {type(module).__name__}")
         for name, v in (("search_tokens", search_tokens), ("keep_inputs", keep_inputs)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            if not is_int(v):
                 raise CalibrationError(f"observe: {name} must be an integer >= 0, got {v!r}")
         self.observed = Observed(module, search_tokens, keep_inputs)
         self._handles: list[Any] = []

@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .errors import RecipeError
+from .errors import RecipeError, is_fraction, is_int
 from .rules import LayerRule, SchemeRule, _enum, _rules, _scheme_rules
 from .schemes import Scheme, info
 
@@ -132,17 +132,15 @@ class Recipe:
         for key in ("smoothquant", "gptq"):
             if not isinstance(getattr(self, key), bool):
                 raise RecipeError(f"recipe.{key}: expected true or false, got {getattr(self, key)!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+        if not is_fraction(self.alpha):
             raise RecipeError(f"recipe.alpha: expected a number in [0, 1], got {self.alpha!r}")
         set_(self, "alpha", float(self.alpha))
-        if not isinstance(self.alpha_search, (list, tuple)) or not all(
-            isinstance(a, (int, float)) and not isinstance(a, bool) and 0.0 <= a <= 1.0 for a in self.alpha_search
-        ):
+        if not isinstance(self.alpha_search, (list, tuple)) or not all(map(is_fraction, self.alpha_search)):
             raise RecipeError(f"recipe.alpha_search: expected a list of numbers in [0, 1], got {self.alpha_search!r}")
         set_(self, "alpha_search", tuple(float(a) for a in self.alpha_search))
         for key in ("protect_top_k", "protect_reference_linears"):
             v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            if not is_int(v):
                 raise RecipeError(f"recipe.{key}: expected an integer >= 0, got {v!r}")
         if self.smoothquant and not any(info(s).quantized_activations for s in self.schemes):
             raise RecipeError(f"recipe.smoothquant: SmoothQuant needs a scheme that quantizes activations (w8a8); "
@@ -152,14 +150,14 @@ class Recipe:
     def _check_sensitivity_and_gptq(self) -> None:
         for key in ("protect_budget", "gptq_damp"):
             v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            if not is_fraction(v):
                 raise RecipeError(f"recipe.{key}: expected a number in [0, 1], got {v!r}")
             object.__setattr__(self, key, float(v))
         if self.gptq and not self.gptq_damp > 0:
             raise RecipeError(f"recipe.gptq_damp: expected a number in (0, 1] with gptq, got {self.gptq_damp!r}")
         for key, low in (("protect_budget_bytes", 0), ("sensitivity_samples", 1), ("gptq_hessian_bytes", 0)):
             v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            if not is_int(v, low):
                 raise RecipeError(f"recipe.{key}: expected an integer >= {low}, got {v!r}")
         if self.has_budget and self.protect_by is not ProtectBy.SENSITIVITY:
             raise RecipeError("recipe.protect_budget: a float budget is spent by measured sensitivity; "

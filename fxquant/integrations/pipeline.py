@@ -33,7 +33,7 @@ import torch
 from ..api import compile as fxq_compile
 from ..artifacts.common import PathLike, atomic_write, fspath
 from ..artifacts.io import load, save
-from ..errors import CalibrationError, FormatError, FxquantError
+from ..errors import CalibrationError, FormatError, FxquantError, is_int
 from ..module import QuantizedModule
 from ..observe import Observed, observe
 from ..passes.fold_smoothing import SmoothOptions
@@ -118,7 +118,7 @@ def quantize_pipeline(pipe: Any, recipe: Any, prompts: Union[str, Sequence[str]]
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise CalibrationError("quantize_pipeline: give at least one calibration prompt")
-    if isinstance(step_stride, bool) or not isinstance(step_stride, int) or step_stride < 1:
+    if not is_int(step_stride, 1):
         raise CalibrationError(f"quantize_pipeline: step_stride must be an integer >= 1, got {step_stride!r}")
     modules = transformers_of(pipe, components)
     for name, m in modules.items():

@@ -58,7 +58,7 @@ import torch
 import torch.fx as fx
 
 from .. import codecs, frontier, graph, memory, meta
-from ..errors import CalibrationError, PassError
+from ..errors import CalibrationError, PassError, is_int
 from ..ops.w8a8 import INT8_MAX, quantize_weight_per_channel
 from ..schemes import Scheme
 from .base import FxquantPass, PassResult, require_records
@@ -242,10 +242,9 @@ class RoundGPTQ(FxquantPass):
             raise CalibrationError(f"{self.name}: needs at least one calibration input, got {calibration!r}")
         if not damp > 0:
             raise PassError(f"{self.name}: damp must be > 0, got {damp!r}")
-        if isinstance(hessian_bytes, bool) or not isinstance(hessian_bytes, int) or hessian_bytes < 0:
+        if not is_int(hessian_bytes):
             raise PassError(f"{self.name}: hessian_bytes must be an integer >= 0 (0: automatic), got {hessian_bytes!r}")
-        if frontier_bytes is not None and (isinstance(frontier_bytes, bool) or not isinstance(frontier_bytes, int)
-                                           or frontier_bytes < 0):
+        if frontier_bytes is not None and not is_int(frontier_bytes):
             raise PassError(f"{self.name}: frontier_bytes must be an integer >= 0 or None (automatic), got {frontier_bytes!r}")
         self.calibration, self.damp, self.hessian_bytes, self.in_place = calibration, float(damp), hessian_bytes, in_place
         self.frontier_bytes = frontier_bytes

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
 from .. import graph, memory, meta
-from ..errors import CalibrationError, PassError
+from ..errors import CalibrationError, PassError, is_int
 from ..ops.w8a8 import quantize_weight_per_channel
 from .base import FxquantPass, PassResult, require_records
 from .fold_smoothing.smoothing import smoothing_vector
@@ -128,7 +128,7 @@ class ScoreSensitivity(FxquantPass):
     def __init__(self, calibration: Optional[Sequence[Any]], samples: int = 2, alpha: Optional[float] = None) -> None:
         if not calibration:
             raise CalibrationError(f"{self.name}: needs at least one calibration input, got {calibration!r}")
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        if not is_int(samples, 1):
             raise PassError(f"{self.name}: samples must be an integer >= 1, got {samples!r}")
         self.calibration, self.samples, self.alpha = calibration, samples, alpha
         self.forwards = 0  # forward passes the last call ran

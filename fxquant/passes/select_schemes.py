@@ -29,7 +29,7 @@ from typing import Optional
 import torch.fx as fx
 
 from .. import graph, meta
-from ..errors import RecipeError
+from ..errors import RecipeError, is_int
 from ..recipe import LayerRule, MisalignedPolicy, ProtectBy, Recipe, SchemeRule
 from ..schemes import DecidedBy, Scheme, SelectionKind, info
 from .base import FxquantPass, PassResult, require_records
@@ -61,7 +61,7 @@ class SelectOptions:
         for key in ("default", "protect_scheme"):
             object.__setattr__(self, key, Scheme(getattr(self, key)))
         object.__setattr__(self, "misaligned", MisalignedPolicy(self.misaligned))
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if not is_int(self.top_k):
             raise RecipeError(f"select_schemes: top_k must be an integer >= 0, got {self.top_k!r}")
 
     @staticmethod

@@ -46,7 +46,7 @@ import torch
 import torch.fx as fx
 
 from ... import graph, meta
-from ...errors import PassError, RecipeError
+from ...errors import PassError, RecipeError, is_fraction
 from ...observe import Observed
 from ...schemes import SelectionKind, info
 from .deferred import Deferred
@@ -66,7 +66,7 @@ class SmoothOptions:
 
     def __post_init__(self) -> None:
         for a in (self.alpha, *self.alpha_search):
-            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
+            if not is_fraction(a):
                 raise RecipeError(f"fold_smoothing: alpha must be a number in [0, 1], got {a!r}")
         if self.search_tokens < 1:
             raise RecipeError(f"fold_smoothing: search_tokens must be >= 1, got {self.search_tokens!r}")
