@@ -150,7 +150,8 @@ def child(args: argparse.Namespace) -> dict:
         out = original(self, gm)
         if self.name == "round_gptq":  # its own time, forwards and cache of settled values (fxquant.frontier)
             gptq.update(seconds=self.seconds, forwards=self.forwards, from_cache=self.cached, nodes=self.computed,
-                        frontier_peak=self.frontier_peak, hessian_budget=self.budget)
+                        frontier_peak=self.frontier_peak, left_out=self.left_out,
+                        hessian_budget=self.budget)
         return out
 
     FxquantPass.__call__ = named_call

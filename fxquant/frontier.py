@@ -2,25 +2,29 @@
 
 GPTQ runs one forward per calibration input for each Hessian chunk, and each forward sees the
 weights rounded so far. A node that reads no linear still to be rounded, directly or not, is
-*settled*: every later forward would compute it again, bit for bit the same. `Frontier` keeps, per
-calibration input and within a byte budget, the settled values a later forward may read (those
-with a reader that is not settled, or one this forward does not compute), and each forward
-computes only what its chunk's inputs need and no cached value gives::
+*settled*: every later forward would compute it again, bit for bit the same. The settled values
+read by a node not yet settled are the *boundary*: what later forwards start from. `Frontier`
+keeps, per calibration input and within a byte budget, settled values to start from, and each
+forward computes only what its chunk's inputs need and no cached value gives::
 
     chunk 1 (x_embedder):   hidden_states -> x_embedder                        (text path not run)
     chunk 2 (llm_cond_proj): encoder_hidden_states -> RMSNorm (53248 wide, f32) -> [cached: norm]
     chunk 3 (layer 0 qkv):  [norm] -> llm_cond_proj -> ... -> layer 0 qkv input  -> [cached: text tokens, ...]
     chunk 9 (layer 1 ...):  [residual stream after layer 0, modulation, rope]  -> layer 1 ...
 
-When every input's cache fits, GPTQ's forwards cost the layers between two chunks instead of the
-model up to each chunk (linear in depth, not quadratic; docs/memory.md has the counts and where,
-at real width, the default budget falls short), and a late forward no longer starts with the text
-path's float32 norm of the 53248-wide LLM features. The caches of all inputs together stay within a
-byte budget, the one being renewed counted with its old one; an input whose renewed cache does
-not fit keeps its old one (settled values stay right: its next forward starts further back), and
-one that never had a cache that fits runs from its graph inputs. The values are the same either
-way. Values that are views of the graph's own inputs cost nothing (the calibration inputs hold
-that memory anyway); other storages count whole.
+Any settled values are right to start from, so a cache may hold part of the boundary: during a
+forward each settled value it computes is held while it fits (graph order; none larger than an
+input's share of the budget, such as the 53248-wide float32 norm), and at the end the cache keeps
+the boundary values held and the held values that the boundary values left out are computed from.
+So when the residual streams do not fit, the small values that are dear to compute (the text
+tokens after ``llm_cond_proj``, the modulation) still spare a late forward the text path. Values
+are held in graph order, so an early value can fill the budget and leave a later, better one out
+(tested). When every input's boundary fits, GPTQ's forwards cost the layers between two chunks
+instead of the model up to each chunk (linear in depth, not quadratic; docs/memory.md has the
+counts). The caches of all inputs together stay within the budget, the one being renewed counted
+with its old one. The values, and so the codes, are the same with or without a cache. Values that
+are views of the graph's own inputs cost nothing (the calibration inputs hold that memory anyway);
+other storages count whole.
 """
 
 from __future__ import annotations
@@ -60,9 +64,11 @@ class Frontier:
         self.sizes = [0] * items
         self.settled: set[fx.Node] = set()
         self.cacheable: set[fx.Node] = set()  # settled call nodes computed from a graph input
+        self.boundary: set[fx.Node] = set()  # those read by a node still to be settled: what later forwards start from
         self.computed = 0  # call nodes the forwards computed, all together
         self.started = 0  # forwards that started from a cache
         self.peak = 0  # the most the caches held at once (bytes)
+        self.left_out = 0  # boundary values a forward computed but could not keep
 
     def settle(self, pending: set[fx.Node]) -> None:
         """Mark as settled every node that reads none of the linears in ``pending`` (the weights
@@ -77,6 +83,7 @@ class Frontier:
             raise PassError("frontier: a node settled before reads a weight still to be rounded; a rounded weight "
                             "must stay rounded (cached values would be stale)")
         self.settled, self.cacheable = settled, self.live & settled
+        self.boundary = {n for n in self.cacheable if any(u not in settled for u in n.users)}
 
     def run(self, watch: graph.Watch, i: int, args: list[Any], wanted: set[fx.Node],
             on_value: Callable[[fx.Node, Any], None]) -> None:
@@ -85,26 +92,21 @@ class Frontier:
         input's cache is used and renewed."""
         have = self.cache[i] or {}
         need = _needed(wanted, have)
-        users_outside = {n for n in self.cacheable
-                         if any(u not in self.settled or (u not in need and u not in have) for u in n.users)}
-        record = need & users_outside
-        new = {n: v for n, v in have.items() if n in users_outside}
+        record = need & self.cacheable  # any settled value may start a later forward; which ones do is seen at the end
+        new = dict(have)
         own = _storages(args)  # the graph inputs: held by the calibration inputs anyway
         others = sum(s for j, s in enumerate(self.sizes) if j != i)
+        share = self.budget // len(self.cache)  # no one value larger than an input's share (a 53248-wide float32 norm)
         held = _storages(list(have.values()), own)
         seen: set[fx.Node] = set()
-        fits = True
 
         def value(n: fx.Node, v: Any) -> None:
-            nonlocal fits
-            if fits and n in record:
-                new[n] = v
-                held.update(_storages([v], own))
-                total = others + sum(held.values())
-                if total > self.budget:
-                    fits = False
-                    new.clear()
-                else:
+            if n in record:  # held while it fits beside what is held (each input's old cache included)
+                more = {k: b for k, b in _storages([v], own).items() if k not in held}
+                total = others + sum(held.values()) + sum(more.values())
+                if sum(more.values()) <= share and total <= self.budget:
+                    new[n] = v
+                    held.update(more)
                     self.peak = max(self.peak, total)
             if n in wanted:
                 on_value(n, v)
@@ -130,9 +132,12 @@ class Frontier:
         finally:
             watch.env = {}  # the activations still held when it stopped
             watch.nodes, watch.on_value, watch.skip = nodes, callback, skip
-        if fits:
-            self.cache[i], self.sizes[i] = new or None, sum(_storages(list(new.values()), own).values())
-        # else it keeps its old cache: settled values stay right, and it fitted
+        # kept: the boundary values held, and the values the ones not held are computed from
+        lost = self.boundary - new.keys()
+        self.left_out += len(lost & need)
+        keep = (self.boundary & new.keys()) | {a for n in _needed(lost, new) for a in n.all_input_nodes if a in new}
+        new = {n: v for n, v in new.items() if n in keep}
+        self.cache[i], self.sizes[i] = new or None, sum(_storages(list(new.values()), own).values())
 
     def bytes(self) -> int:
         """What the caches hold now."""

@@ -165,15 +165,20 @@ def linear_by_rows(gm: fx.GraphModule, node: fx.Node, x: torch.Tensor, bias: Opt
     """``op(x, weight(gm, node), bias)`` (``F.linear`` or any op whose output features are the
     weight's rows) computed a slice of the effective weight's rows at a time (`weight_rows`): no
     copy of a folded or rounded weight is made. The output is contiguous, like ``op``'s own."""
-    x2d, done = x.reshape(-1, x.shape[-1]), 0
+    x2d, done, out = x.reshape(-1, x.shape[-1]), 0, None
 
-    def rows_out(rows: torch.Tensor) -> tuple[torch.Tensor]:
-        nonlocal done
+    def rows_out(rows: torch.Tensor) -> tuple[()]:
+        nonlocal done, out
         b = None if bias is None else bias[done:done + rows.shape[0]]
+        y = op(x2d, rows, b)
+        if out is None:  # each slice's output features go straight into their columns: no second copy
+            out = torch.empty((x2d.shape[0], _root_rows(gm, param_root(node.args[1]))[1][0]), dtype=y.dtype, device=y.device)
+        out[:, done:done + rows.shape[0]] = y
         done += rows.shape[0]
-        return (op(x2d, rows, b).T,)
+        return ()
 
-    return weight_rows(gm, node, rows_out, slice_elems)[0].T.contiguous().reshape(*x.shape[:-1], -1)
+    weight_rows(gm, node, rows_out, slice_elems)
+    return out.reshape(*x.shape[:-1], -1)
 
 
 def set_weight_op(gm: fx.GraphModule, node: fx.Node, target: Callable[..., Any], args: tuple) -> None:

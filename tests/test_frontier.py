@@ -116,38 +116,53 @@ def reference(m, x, c):
         return s, h, torch.relu(h + m.fc2(torch.relu(h)))
 
 
-def test_an_input_whose_renewed_cache_does_not_fit_keeps_its_old_one_or_runs_from_its_graph_inputs():
+def test_a_cache_keeps_what_fits_and_what_the_values_left_out_are_computed_from():
     m, gm, cal = setup(items=2)
     proj, fc1, fc2, fc3 = (linear(gm, n) for n in ("proj", "fc1", "fc2", "fc3"))
     s_bytes, h_bytes = 2 * 5 * 48 * 4, 2 * 5 * 32 * 4
-    front = Frontier(gm, 2, budget=2 * s_bytes + 2 * h_bytes)  # input 0 renews (old + new), input 1 cannot
-    watch = graph.Watch(gm, set(), None, by_rows=True)
-    args = [graph.graph_inputs(gm, ex, "c", "test") for ex in cal]
 
-    def forward(pending, wanted):
+    def forward(front, pending, wanted, items=2):
         front.settle(pending)
         got = []
-        for i in range(2):
-            front.run(watch, i, args[i], {wanted.args[0]}, lambda n, v: got.append(v))
+        for i in range(items):
+            args = graph.graph_inputs(gm, cal[i], "c", "test")
+            front.run(graph.Watch(gm, set(), None, by_rows=True), i, args, {wanted.args[0]}, lambda n, v: got.append(v))
         return got
 
-    forward({proj, fc1, fc2, fc3}, proj)  # each caches proj's input s
-    assert [list(c.values())[0].shape[-1] for c in front.cache] == [48, 48] and front.bytes() == 2 * s_bytes
-    forward({fc2, fc3}, fc2)  # renewed: h and relu(h)
-    assert len(front.cache[0]) == 2 and front.sizes[0] == 2 * h_bytes
-    assert len(front.cache[1]) == 1 and front.sizes[1] == s_bytes  # kept s: the renewal did not fit
-    got = forward({fc3}, fc3)
-    assert front.started == 4  # every forward after the first round started from a cache
-    for (x, c), v in zip(cal, got):
-        assert torch.allclose(v, reference(m, x, c)[2], atol=1e-6)
+    def check(got):
+        for (x, c), v in zip(cal, got):
+            assert torch.allclose(v, reference(m, x, c)[2], atol=1e-6)
 
-    front = Frontier(gm, 2, budget=s_bytes)  # one input's s fits, not two
-    forward({proj, fc1, fc2, fc3}, proj)
-    assert front.cache[0] is not None and front.cache[1] is None
-    got = forward({fc3}, fc3)
-    assert front.started == 1  # input 1 ran from x and c
-    for (x, c), v in zip(cal, got):
-        assert torch.allclose(v, reference(m, x, c)[2], atol=1e-6)
+    front = Frontier(gm, 2, budget=2 * s_bytes + 2 * h_bytes)
+    forward(front, {proj, fc1, fc2, fc3}, proj)  # each caches proj's input s
+    assert [list(c.values())[0].shape[-1] for c in front.cache] == [48, 48] and front.bytes() == 2 * s_bytes
+    forward(front, {fc2, fc3}, fc2)
+    # input 0: beside its old s and input 1's s, proj's and fc1's outputs fit, h and relu(h) (what fc2
+    # and g read) do not; it keeps what they are computed from, and drops s, which nothing needs now
+    x0 = cal[0][0]
+    kept = list(front.cache[0].values())
+    assert [n.target for n in front.cache[0]] == [torch.ops.aten.linear.default] * 2 and front.sizes[0] == 2 * h_bytes
+    assert torch.allclose(kept[1], m.fc1(x0).detach(), atol=1e-6)
+    assert front.left_out == 4 and front.bytes() <= 2 * s_bytes + 2 * h_bytes  # h and relu(h) of each input
+    check(forward(front, {fc3}, fc3))
+    assert front.started == 4  # every forward after the first round started from a cache
+
+    front = Frontier(gm, 2, budget=s_bytes)  # s is larger than an input's share: each keeps the small
+    forward(front, {proj, fc1, fc2, fc3}, proj)  # rsqrt(mean(c ** 2) + eps) that s is computed from
+    assert [[n.target for n in c] for c in front.cache] == [[torch.ops.aten.rsqrt.default]] * 2
+    check(forward(front, {fc3}, fc3))
+    assert front.started == 2
+
+    front = Frontier(gm, 1, budget=s_bytes + h_bytes - 1)  # s, but not s and h
+    forward(front, {proj, fc1, fc2, fc3}, proj, items=1)  # c ** 2 comes first and fills the budget: s is
+    assert [n.target for n in front.cache[0]] == [torch.ops.aten.rsqrt.default]  # left out (values in graph order)
+    forward(front, {fc2, fc3}, fc2, items=1)  # s fits now, neither h nor relu(h) beside it: s stays
+    assert [v.shape[-1] for v in front.cache[0].values()] == [48] and front.left_out == 3
+    before = front.computed
+    check(forward(front, {fc3}, fc3, items=1))
+    none = Frontier(gm, 1, budget=0)
+    forward(none, {fc3}, fc3, items=1)
+    assert front.started == 2 and front.computed - before == none.computed - 5  # not s = c * rsqrt(mean(c ** 2) + eps)
 
 
 def test_frontier_bytes_must_be_a_non_negative_integer():

@@ -24,7 +24,9 @@ SLICE_ELEMS = 1 << 22  # float32 temporaries: one 16 MiB slice of rows, never th
 
 def int8_rows(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     """``(q.float() * scale[:, None]).to(dtype)`` for a slice of rows (the reference computation)."""
-    return (q.float() * scale.float()[:, None]).to(dtype)
+    w = q.float()
+    w.mul_(scale.float()[:, None])  # in place: one float32 slice, not two
+    return w.to(dtype)
 
 
 def gguf_rows(qweight: Tensor, qtype: str, in_features: int, dtype: torch.dtype) -> Tensor:

@@ -249,6 +249,7 @@ class RoundGPTQ(FxquantPass):
         self.calibration, self.damp, self.hessian_bytes, self.in_place = calibration, float(damp), hessian_bytes, in_place
         self.frontier_bytes = frontier_bytes
         self.forwards, self.seconds, self.budget, self.computed, self.cached, self.frontier_peak = 0, 0.0, 0, 0, 0, 0
+        self.left_out = 0
 
     def requires(self, gm: fx.GraphModule) -> None:
         require_records(gm, self.name, "selection", before="select_schemes")
@@ -276,9 +277,10 @@ class RoundGPTQ(FxquantPass):
         graph.finalize(gm)
         self.seconds = time.perf_counter() - t0
         self.computed, self.cached, self.frontier_peak = front.computed, front.started, front.peak
-        log.info("%s: %d weights, %d forward passes (%d from cached values, at most %.1f MB; %d nodes computed) in "
-                 "%.1f s (Hessians within %.1f MB)", self.name, len(weights), self.forwards, front.started,
-                 front.peak / 1e6, front.computed, self.seconds, self.budget / 1e6)
+        self.left_out = front.left_out
+        log.info("%s: %d weights, %d forward passes (%d from cached values, at most %.1f MB, %d left out; %d nodes "
+                 "computed) in %.1f s (Hessians within %.1f MB)", self.name, len(weights), self.forwards, front.started,
+                 front.peak / 1e6, front.left_out, front.computed, self.seconds, self.budget / 1e6)
         return PassResult(gm, True)
 
     @staticmethod
