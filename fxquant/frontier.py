@@ -92,7 +92,8 @@ class Frontier:
         input's cache is used and renewed."""
         have = self.cache[i] or {}
         need = _needed(wanted, have)
-        record = need & self.cacheable  # any settled value may start a later forward; which ones do is seen at the end
+        # any settled value may start a later forward (which ones do is seen at the end); budget 0: none
+        record = need & self.cacheable if self.budget else set()
         new = dict(have)
         own = _storages(args)  # the graph inputs: held by the calibration inputs anyway
         others = sum(s for j, s in enumerate(self.sizes) if j != i)
