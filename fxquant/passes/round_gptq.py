@@ -399,24 +399,7 @@ class RoundGPTQ(FxquantPass):
                 step, offset = (torch.from_numpy(v[:, a - a0:b - a0]).to(rows.device) for v in codecs.grid_values(g, qtype, b0 - a0))
                 round_col = _grid_round_col(step[:, perm], offset[:, perm], codecs.code_range(qtype))
                 return (gptq_rows(rows[:, perm].float(), hinv, round_col, dtype=torch.int8)[:, inv],)
-        # each slice's codes go straight into the columns just rounded: into the float weight itself
-        # (in place; exact: small integers) or into the weight's int8 codes, never a group-sized copy
-        if w.in_place:
-            dest = graph.root_weight(gm, node)
-        else:
-            if w.codes is None:
-                root = graph.root_weight(gm, node)
-                w.codes = torch.empty(root.shape, dtype=torch.int8, device=root.device)
-            dest = w.codes
-        at = 0
-
-        def into_columns(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            nonlocal at
-            q = fn(rows)[0]
-            dest[at:at + q.shape[0], a:b] = q
-            at += q.shape[0]
-            return ()
-        graph.weight_rows(gm, node, into_columns, slice_elems=ROUND_SLICE, cols=(a, b))
+        _into_columns(gm, w, fn, (a, b))
         w.left -= 1
         if not w.left:
             if w.in_place:
@@ -461,6 +444,29 @@ class RoundGPTQ(FxquantPass):
                                 "encode back to their codes on the fixed grid")
             parts.append(torch.from_numpy(data))
         return torch.cat(parts).to(w.codes.device)
+
+
+def _into_columns(gm: fx.GraphModule, w: _Weight, fn: Callable[[torch.Tensor], tuple[torch.Tensor]],
+                  cols: tuple[int, int]) -> None:
+    """``fn`` (a slice of ``w``'s rows, of columns ``cols`` -> their codes) over the whole weight, each
+    slice's codes written straight into those columns: of the float weight itself (``in_place``;
+    exact: small integers) or of the weight's int8 codes, never into a group-sized copy first."""
+    node, (a, b), at = w.nodes[0], cols, 0
+    if w.in_place:
+        dest = graph.root_weight(gm, node)
+    else:
+        if w.codes is None:
+            root = graph.root_weight(gm, node)
+            w.codes = torch.empty(root.shape, dtype=torch.int8, device=root.device)
+        dest = w.codes
+
+    def write(rows: torch.Tensor) -> tuple[()]:
+        nonlocal at
+        q = fn(rows)[0]
+        dest[at:at + q.shape[0], a:b] = q
+        at += q.shape[0]
+        return ()
+    graph.weight_rows(gm, node, write, slice_elems=ROUND_SLICE, cols=cols)
 
 
 def _sole_holder(gm: fx.GraphModule, nodes: list[fx.Node]) -> bool:
