@@ -99,16 +99,19 @@ class Frontier:
         others = sum(s for j, s in enumerate(self.sizes) if j != i)
         share = self.budget // len(self.cache)  # no one value larger than an input's share (a 53248-wide float32 norm)
         held = _storages(list(have.values()), own)
+        held_bytes = sum(held.values())
         seen: set[fx.Node] = set()
 
         def value(n: fx.Node, v: Any) -> None:
+            nonlocal held_bytes
             if n in record:  # held while it fits beside what is held (each input's old cache included)
                 more = {k: b for k, b in _storages([v], own).items() if k not in held}
-                total = others + sum(held.values()) + sum(more.values())
-                if sum(more.values()) <= share and total <= self.budget:
+                size = sum(more.values())
+                if size <= share and others + held_bytes + size <= self.budget:
                     new[n] = v
                     held.update(more)
-                    self.peak = max(self.peak, total)
+                    held_bytes += size
+                    self.peak = max(self.peak, others + held_bytes)
             if n in wanted:
                 on_value(n, v)
                 seen.add(n)
